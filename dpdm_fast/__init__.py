@@ -1,0 +1,2 @@
+"""dpdm_fast: exact, fast DP-SGD training of differentially private diffusion models (DPDM)."""
+__version__ = "0.1.0"

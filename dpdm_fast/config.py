@@ -1,0 +1,206 @@
+"""Run configuration: DPDM's YAML layout, validated against a typed schema (omegaconf).
+
+A config written for the original DPDM code loads unchanged; a key that the schema does not
+know, in a file or a ``key=value`` override, is an error that lists the valid keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+
+@dataclass
+class SetupConfig:
+    runner: str = "train_dpdm_base"
+    n_gpus_per_node: int = 1
+    n_nodes: int = 1
+    node_rank: int = 0
+    master_address: str = "127.0.0.1"
+    master_port: int = 6020
+    omp_n_threads: int = 2
+    workdir: str = "runs/default"
+
+
+@dataclass
+class DataLoaderParams:
+    num_workers: int = 1
+    pin_memory: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    name: str = "mnist_28"
+    num_channels: int = 1
+    resolution: int = 28
+    n_classes: Optional[int] = 10
+    fid_stats: list[str] = field(default_factory=list)
+    one_hot: bool = False
+    dataloader_params: DataLoaderParams = field(default_factory=DataLoaderParams)
+
+
+@dataclass
+class NetworkConfig:
+    """Arguments of :class:`dpdm_fast.models.NCSNpp` (DPDM's defaults)."""
+    image_size: int = 28
+    attn_resolutions: list[int] = field(default_factory=lambda: [7])
+    num_in_channels: int = 1
+    num_out_channels: int = 1
+    label_dim: int = 10
+    use_cfg: bool = True
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    nf: int = 32
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    resamp_with_conv: bool = True
+    fir: bool = False
+    fir_kernel: list[int] = field(default_factory=lambda: [1, 3, 3, 1])
+    skip_rescale: bool = True
+    resblock_type: str = "biggan"
+    progressive: str = "none"
+    progressive_input: str = "none"
+    embedding_type: str = "positional"
+    init_scale: float = 0.0
+    combine_method: str = "sum"
+    fourier_scale: float = 16.0
+    nonlinearity: str = "swish"
+
+
+@dataclass
+class ModelConfig:
+    denoiser_name: str = "edm"
+    denoiser_network: str = "song"
+    ema_rate: float = 0.999
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+
+@dataclass
+class OptimParams:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "Adam"
+    params: OptimParams = field(default_factory=OptimParams)
+
+
+@dataclass
+class SamplerConfig:
+    type: str = "ddim"
+    stochastic: bool = False
+    num_steps: int = 50
+    tmin: float = 0.002
+    tmax: float = 80.0
+    rho: float = 7.0
+    guid_scale: float = 0.0
+    snapshot_batch_size: int = 64
+    fid_batch_size: int = 64
+    labels: Optional[Any] = None
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = float("inf")
+    s_noise: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 4096
+    n_epochs: int = 300
+    log_freq: int = 100
+    snapshot_freq: int = 1000
+    snapshot_threshold: int = 1
+    save_freq: int = 100000
+    save_threshold: int = 1
+    fid_freq: int = 10000
+    fid_samples: int = 5000
+    fid_threshold: int = 1
+
+
+@dataclass
+class LossConfig:
+    version: str = "edm"
+    n_noise_samples: int = 32
+    n_classes: Optional[int] = None
+    label_unconditioning_prob: float = 0.1
+    # EDM
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    # v-prediction
+    logsnr_min: float = -9.0
+    logsnr_max: float = 13.0
+    # VE
+    sigma_min: float = 0.02
+    sigma_max: float = 100.0
+    # VP
+    beta_min: float = 0.1
+    beta_d: float = 19.9
+    eps_t: float = 1e-5
+
+
+@dataclass
+class DPConfig:
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    epsilon: float = 10.0
+    max_physical_batch_size: int = 8192
+    n_splits: int = 4
+    accountant: str = "rdp"
+    secure_mode: bool = False
+    backend: str = "auto"
+
+
+@dataclass
+class Config:
+    setup: SetupConfig = field(default_factory=SetupConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or has a value of the wrong type."""
+
+
+def _valid_keys(schema: DictConfig, dotted: str) -> tuple[str, list[str]]:
+    """The deepest existing section on the path of ``dotted`` and its valid keys."""
+    node, prefix = schema, ""
+    for part in dotted.split(".")[:-1]:
+        if isinstance(node, DictConfig) and part in node and isinstance(node[part], DictConfig):
+            node, prefix = node[part], f"{prefix}{part}."
+        else:
+            break
+    return prefix.rstrip(".") or "<top level>", sorted(node.keys())
+
+
+def _merge(schema: DictConfig, other: DictConfig, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, other)
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = e.full_key or str(e)
+        section, keys = _valid_keys(schema, key)
+        raise ConfigError(f"{origin}: unknown config key {key!r}. Valid keys in {section}: {', '.join(keys)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{origin}: bad value for {e.full_key!r}: {e.msg.splitlines()[0]}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a YAML config (DPDM layout) and apply ``key.sub=value`` overrides, strictly."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    return cfg

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dpdm_fast",
+    version="0.1.0",
+    description="Fast, exact DP-SGD training of differentially private diffusion models (DPDM)",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ (Triton) lives at the top of the repository but installs as dpdm_fast.kernels.
+    packages=find_packages(include=["dpdm_fast", "dpdm_fast.*"]) + ["dpdm_fast.kernels"],
+    package_dir={"dpdm_fast.kernels": "kernels"},
+    install_requires=[
+        # Install torch first (pip install torch==2.13.0 for the CPU build), see README.
+        "torch>=2.2",
+        "opacus>=1.6,<1.7",
+        "numpy",
+        "triton; sys_platform == 'linux'",
+        "ninja",
+        "omegaconf>=2.3",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["dpdm-fast=dpdm_fast.cli:main"]},
+)
