@@ -1,0 +1,19 @@
+import torch
+
+from ...models.layers import NIN
+from . import groups, register_rule
+
+
+@register_rule(NIN)
+def nin_rule(module: NIN, inputs: tuple, g: torch.Tensor, K: int) -> dict:
+    """y = x^T W + b over channels at each pixel: W grad of a group sums x g^T over its K rows and pixels."""
+    x = inputs[0]
+    B, C, O = x.shape[0] // K, x.shape[1], g.shape[1]
+    x3 = groups(x, K).reshape(B, K, C, -1).transpose(1, 2).reshape(B, C, -1)   # (B, C, K*HW)
+    g3 = groups(g, K).reshape(B, K, O, -1).transpose(1, 2).reshape(B, O, -1)   # (B, O, K*HW)
+    out = {}
+    if module.W.requires_grad:
+        out["W"] = torch.bmm(x3, g3.transpose(1, 2))                           # (B, C, O)
+    if module.b.requires_grad:
+        out["b"] = g3.sum(dim=2)
+    return out
