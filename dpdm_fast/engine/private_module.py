@@ -173,6 +173,10 @@ class PrivateModule(nn.Module):
                 for p in params.values():
                     collector.write(p, torch.zeros(0, *p.shape))
                 return
+            # Under autocast a layer's saved input and its output gradient can differ in dtype;
+            # compute in the gradient's dtype (the buffer, norms and sums are fp32 regardless).
+            inputs = tuple(a.to(grad_out.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                           and a.dtype != grad_out.dtype else a for a in inputs)
             self._in_rule = True
             try:
                 per_group = rule(module, inputs, grad_out, K)

@@ -18,7 +18,9 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> di
     B = x.shape[0] // K
     out = {}
     gg = groups(g, K)                                                        # (B, K, O, Ho, Wo)
-    if module.weight.requires_grad:
+    if module.weight.requires_grad and B == 0:
+        out["weight"] = x.new_zeros(0, *module.weight.shape)
+    elif module.weight.requires_grad:
         C, O = x.shape[1], g.shape[1]
         xk = groups(x, K).transpose(0, 1).reshape(K, B * C, *x.shape[2:])   # (K, B*C, H, W)
         gk = gg.transpose(0, 1).reshape(K, B * O, *g.shape[2:])             # (K, B*O, Ho, Wo)

@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn as nn
 
@@ -14,8 +16,9 @@ def embedding_rule(module: nn.Embedding, inputs: tuple, g: torch.Tensor, K: int)
     idx = inputs[0]
     B = idx.shape[0] // K
     V, D = module.weight.shape
-    idx2 = groups(idx, K).reshape(B, -1)                                     # (B, K*T)
-    g3 = groups(g, K).reshape(B, -1, D)                                      # (B, K*T, D)
+    T = K * math.prod(idx.shape[1:])
+    idx2 = groups(idx, K).reshape(B, T)                                      # (B, K*T)
+    g3 = groups(g, K).reshape(B, T, D)                                       # (B, K*T, D)
     if module.padding_idx is not None:
         g3 = g3 * (idx2 != module.padding_idx).unsqueeze(-1).to(g3.dtype)
     flat = (idx2 + V * torch.arange(B, device=idx.device)[:, None]).reshape(-1)

@@ -1,3 +1,5 @@
+import math
+
 import torch
 import torch.nn as nn
 
@@ -9,8 +11,9 @@ def linear_rule(module: nn.Linear, inputs: tuple, g: torch.Tensor, K: int) -> di
     """W grad of group b = sum over its K rows (and any extra positions) of g^T x: one batched GEMM."""
     x = inputs[0]
     B = x.shape[0] // K
-    x3 = groups(x, K).reshape(B, -1, x.shape[-1])          # (B, K*T, in)
-    g3 = groups(g, K).reshape(B, -1, g.shape[-1])          # (B, K*T, out)
+    T = math.prod(x.shape[1:-1])                           # extra positions per row (1 for 2-D input)
+    x3 = groups(x, K).reshape(B, K * T, x.shape[-1])       # (B, K*T, in)
+    g3 = groups(g, K).reshape(B, K * T, g.shape[-1])       # (B, K*T, out)
     out = {}
     if module.weight.requires_grad:
         out["weight"] = torch.bmm(g3.transpose(1, 2), x3)  # (B, out, in)

@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from ...models.layers import NIN
@@ -8,9 +10,9 @@ from . import groups, register_rule
 def nin_rule(module: NIN, inputs: tuple, g: torch.Tensor, K: int) -> dict:
     """y = x^T W + b over channels at each pixel: W grad of a group sums x g^T over its K rows and pixels."""
     x = inputs[0]
-    B, C, O = x.shape[0] // K, x.shape[1], g.shape[1]
-    x3 = groups(x, K).reshape(B, K, C, -1).transpose(1, 2).reshape(B, C, -1)   # (B, C, K*HW)
-    g3 = groups(g, K).reshape(B, K, O, -1).transpose(1, 2).reshape(B, O, -1)   # (B, O, K*HW)
+    B, C, O, S = x.shape[0] // K, x.shape[1], g.shape[1], math.prod(x.shape[2:])
+    x3 = groups(x, K).reshape(B, K, C, S).transpose(1, 2).reshape(B, C, K * S)   # (B, C, K*HW)
+    g3 = groups(g, K).reshape(B, K, O, S).transpose(1, 2).reshape(B, O, K * S)   # (B, O, K*HW)
     out = {}
     if module.W.requires_grad:
         out["W"] = torch.bmm(x3, g3.transpose(1, 2))                           # (B, C, O)

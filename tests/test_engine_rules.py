@@ -1,0 +1,123 @@
+"""Every per-layer rule against a plain per-group autograd loop."""
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpdm_fast.engine.rules import find_rule, functorch_rule
+from dpdm_fast.models import NIN
+
+SETTINGS = settings(max_examples=12, deadline=None)
+
+
+def loop_reference(module, x, g, K):
+    """Per-group gradient by brute force: autograd of sum_r <module(x_r), g_r> per group."""
+    params = dict((n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad)
+    B = x.shape[0] // K
+    out = {n: [] for n in params}
+    for b in range(B):
+        y = module(x[b * K:(b + 1) * K])
+        grads = torch.autograd.grad((y * g[b * K:(b + 1) * K]).sum(), list(params.values()), allow_unused=True)
+        for n, gr in zip(params, grads):
+            out[n].append(torch.zeros_like(params[n]) if gr is None else gr)
+    return {n: torch.stack(v) if v else torch.zeros(0, *params[n].shape) for n, v in out.items()}
+
+
+def check(module, x, K, rule=None, rtol=1e-4, atol=1e-5):
+    with torch.no_grad():
+        y = module(x)
+    g = torch.randn_like(y)
+    rule = rule or find_rule(module)
+    ours = rule(module, (x,), g, K)
+    ref = loop_reference(module, x, g, K)
+    assert set(ours) == set(ref)
+    for n in ref:
+        assert ours[n].shape == ref[n].shape, n
+        torch.testing.assert_close(ours[n], ref[n], rtol=rtol, atol=atol)
+
+
+@SETTINGS
+@given(B=st.integers(0, 3), K=st.integers(1, 3), cin=st.integers(1, 4), cout=st.integers(1, 4),
+       groups=st.sampled_from([1, 2]), k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 2),
+       dil=st.integers(1, 2), size=st.integers(5, 8), bias=st.booleans())
+def test_conv2d_rule(B, K, cin, cout, groups, k, stride, pad, dil, size, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin * groups, cout * groups, k, stride=stride, padding=pad, dilation=dil, groups=groups, bias=bias)
+    check(conv, torch.randn(B * K, cin * groups, size, size + 1), K)
+
+
+def test_conv2d_same_padding():
+    torch.manual_seed(0)
+    check(nn.Conv2d(3, 4, 3, padding="same", dilation=2), torch.randn(6, 3, 7, 7), 3)
+
+
+@SETTINGS
+@given(B=st.integers(0, 3), K=st.integers(1, 3), T=st.sampled_from([None, 1, 4]), din=st.integers(1, 6),
+       dout=st.integers(1, 6), bias=st.booleans())
+def test_linear_rule(B, K, T, din, dout, bias):
+    torch.manual_seed(0)
+    shape = (B * K, din) if T is None else (B * K, T, 2, din)
+    check(nn.Linear(din, dout, bias=bias), torch.randn(*shape), K)
+
+
+@SETTINGS
+@given(B=st.integers(0, 3), K=st.integers(1, 3), G=st.sampled_from([1, 2, 4]), per=st.integers(1, 3),
+       size=st.integers(2, 5))
+def test_group_norm_rule(B, K, G, per, size):
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(G, G * per, eps=1e-6)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    check(gn, torch.randn(B * K, G * per, size, size), K)
+
+
+@SETTINGS
+@given(B=st.integers(0, 3), K=st.integers(1, 3), T=st.integers(1, 4), d=st.integers(2, 5))
+def test_layer_norm_rule(B, K, T, d):
+    torch.manual_seed(0)
+    check(nn.LayerNorm(d), torch.randn(B * K, T, d), K)
+
+
+@SETTINGS
+@given(B=st.integers(0, 3), K=st.integers(1, 3), T=st.sampled_from([None, 3]), V=st.integers(2, 6),
+       pad=st.sampled_from([None, 0]))
+def test_embedding_rule(B, K, T, V, pad):
+    torch.manual_seed(0)
+    emb = nn.Embedding(V, 3, padding_idx=pad)
+    idx = torch.randint(0, V, (B * K,) if T is None else (B * K, T))
+    check(emb, idx, K)
+
+
+@SETTINGS
+@given(B=st.integers(0, 3), K=st.integers(1, 3), c=st.integers(1, 4), o=st.integers(1, 4), size=st.integers(1, 4))
+def test_nin_rule(B, K, c, o, size):
+    torch.manual_seed(0)
+    nin = NIN(c, o, init_scale=1.0)
+    with torch.no_grad():
+        nin.b.normal_()
+    check(nin, torch.randn(B * K, c, size, size), K)
+
+
+class Scale(nn.Module):
+    """A custom layer without a rule: exercised through the torch.func fallback."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.s = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        return torch.tanh(x * self.s)
+
+
+@pytest.mark.parametrize("B,K", [(3, 2), (2, 1), (0, 2)])
+def test_functorch_fallback(B, K):
+    torch.manual_seed(0)
+    mod = Scale(4)
+    check(mod, torch.randn(B * K, 5, 4), K, rule=functorch_rule)
+
+
+def test_rows_not_multiple_of_K():
+    with pytest.raises(ValueError, match="not a multiple of the noise multiplicity K=3"):
+        find_rule(nn.Linear(2, 2))(nn.Linear(2, 2), (torch.randn(4, 2),), torch.randn(4, 2), 3)
