@@ -34,6 +34,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in cell.split("x")) for cell in text.split(",")]  # type: ignore[misc]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid must look like 8x4,16x8 (B x K), got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time and memory of every DP engine on the DPDM networks, side by side."""
+    import warnings
+    from pathlib import Path
+
+    from .benchmarks import ENGINES, WORKLOADS
+    from .benchmarks.report import write_outputs
+    from .benchmarks.runner import CPU_QUICK_GRID, GPU_GRID, run_grid
+
+    warnings.filterwarnings("ignore")
+    engines = args.engines.split(",")
+    workloads = args.workloads.split(",")
+    for name, known in [(engines, ENGINES), (workloads, WORKLOADS)]:
+        bad = [n for n in name if n not in known]
+        if bad:
+            raise ValueError(f"unknown {bad}; choose from {sorted(known)}")
+    grid = args.grid or (GPU_GRID if args.device.startswith("cuda") else CPU_QUICK_GRID)
+    result = run_grid(engines, workloads, grid, repeats=args.repeats, device=args.device, threads=args.threads,
+                      memory=not args.no_memory)
+    paths = write_outputs(result, Path(args.out))
+    print(paths["table"].read_text())
+    print(f"wrote {paths['json']}, {paths['table']}" + (f", {paths['plot']}" if paths["plot"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpdm-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("config", help="YAML config, e.g. configs/mnist_28/train_eps_10.0.yaml")
     info.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     info.set_defaults(func=cmd_info)
+    bench = sub.add_parser("bench", help="benchmark every DP engine side by side (quick CPU grid by default)")
+    bench.add_argument("--engines", default="nonprivate,dpdm_fast,opacus_kavg,opacus_ghost,functorch")
+    bench.add_argument("--workloads", default="mnist", help="comma list of: mnist, celeba")
+    bench.add_argument("--grid", type=_grid, default=None, help="cells as BxK, e.g. 8x4,16x8,32x4")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    bench.add_argument("--out", default="bench/out", help="folder for results.json, results.md, results.png")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

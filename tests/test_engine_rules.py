@@ -121,3 +121,13 @@ def test_functorch_fallback(B, K):
 def test_rows_not_multiple_of_K():
     with pytest.raises(ValueError, match="not a multiple of the noise multiplicity K=3"):
         find_rule(nn.Linear(2, 2))(nn.Linear(2, 2), (torch.randn(4, 2),), torch.randn(4, 2), 3)
+
+
+@pytest.mark.parametrize("stride,dil,groups", [(1, 1, 1), (2, 1, 2), (1, 2, 1)])
+def test_conv2d_rule_large_maps_use_the_per_group_loop(stride, dil, groups):
+    from dpdm_fast.engine.rules import conv
+    torch.manual_seed(0)
+    module = nn.Conv2d(4, 6, 3, stride=stride, padding=1, dilation=dil, groups=groups)
+    x = torch.randn(6, 4, 17, 16)
+    assert x.shape[2] * x.shape[3] >= conv.LOOP_MIN_PIXELS
+    check(module, x, 3)

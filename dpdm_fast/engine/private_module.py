@@ -31,7 +31,8 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ctx.on_grad(grad_out)
+        on_grad, ctx.on_grad = ctx.on_grad, None  # drop the saved activations as soon as they are used
+        on_grad(grad_out)
         return grad_out, None, None
 
 

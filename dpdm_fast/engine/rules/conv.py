@@ -4,13 +4,20 @@ import torch.nn as nn
 from . import groups, register_rule
 
 
+# On CPU, for large feature maps, B convolution weight-gradients over each example's K contiguous rows
+# beat one grouped call (which needs two transposed copies of the activations); measured on 2 cores,
+# N=128 rows: 28x28x32ch 15 ms (loop) vs 27 ms (grouped) vs 32 ms (ordinary weight grad); at 7x7 the
+# grouped call wins (5.0 vs 5.9 ms). On GPUs one grouped call is always preferred (one launch).
+LOOP_MIN_PIXELS = 256
+
+
 @register_rule(nn.Conv2d)
 def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> dict:
-    """All B per-group weight gradients as ONE grouped-convolution weight gradient.
+    """Per-group weight gradients with the sum over K inside the convolution kernel.
 
-    The K rows of a group become the batch and the B groups become convolution groups
-    (channels (K, B*C, H, W)), so the sum over K happens inside the convolution kernel and its
-    cost is close to the ordinary weight gradient's.
+    Either ONE grouped-convolution weight gradient (the K rows of a group as the batch, the B groups
+    as convolution groups: channels (K, B*C, H, W)), or, on CPU for large maps, one ordinary weight
+    gradient per group over its K contiguous rows. Neither materialises per-row gradients.
     """
     if module.padding_mode != "zeros":
         raise NotImplementedError(f"Conv2d with padding_mode={module.padding_mode!r} has no per-group rule")
@@ -21,14 +28,21 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> di
     if module.weight.requires_grad and B == 0:
         out["weight"] = x.new_zeros(0, *module.weight.shape)
     elif module.weight.requires_grad:
-        C, O = x.shape[1], g.shape[1]
-        xk = groups(x, K).transpose(0, 1).reshape(K, B * C, *x.shape[2:])   # (K, B*C, H, W)
-        gk = gg.transpose(0, 1).reshape(K, B * O, *g.shape[2:])             # (K, B*O, Ho, Wo)
         padding = module.padding if not isinstance(module.padding, str) else _explicit_padding(module)
-        w = torch.nn.grad.conv2d_weight(xk, (B * O, C // module.groups, *module.kernel_size), gk,
-                                        stride=module.stride, padding=padding, dilation=module.dilation,
-                                        groups=B * module.groups)
-        out["weight"] = w.reshape(B, O, C // module.groups, *module.kernel_size)
+        kw = dict(stride=module.stride, padding=padding, dilation=module.dilation)
+        C, O = x.shape[1], g.shape[1]
+        if x.device.type == "cpu" and x.shape[2] * x.shape[3] >= LOOP_MIN_PIXELS:
+            w = x.new_empty(B, *module.weight.shape, dtype=g.dtype)
+            for b in range(B):
+                w[b] = torch.nn.grad.conv2d_weight(x[b * K:(b + 1) * K], module.weight.shape, g[b * K:(b + 1) * K],
+                                                   groups=module.groups, **kw)
+            out["weight"] = w
+        else:
+            xk = groups(x, K).transpose(0, 1).reshape(K, B * C, *x.shape[2:])   # (K, B*C, H, W)
+            gk = gg.transpose(0, 1).reshape(K, B * O, *g.shape[2:])             # (K, B*O, Ho, Wo)
+            w = torch.nn.grad.conv2d_weight(xk, (B * O, C // module.groups, *module.kernel_size), gk,
+                                            groups=B * module.groups, **kw)
+            out["weight"] = w.reshape(B, O, C // module.groups, *module.kernel_size)
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = gg.sum(dim=(1, 3, 4))
     return out

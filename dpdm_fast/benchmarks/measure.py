@@ -1,0 +1,141 @@
+"""Measurements of one grid cell: interleaved step times, and peak memory of each engine alone.
+
+CPU peak memory is the peak RSS of a fresh subprocess that builds one engine and runs two steps
+(``python -m dpdm_fast.benchmarks.measure memory ...``); GPU peak memory is
+``torch.cuda.max_memory_allocated`` around the same two steps.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from .engines import build_engine
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _failure(e: BaseException) -> str:
+    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return "out of memory"
+    return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def time_cell(engines: list[str], workload: str, B: int, K: int, repeats: int, device: str) -> dict:
+    """Median/min/max step time of each engine; repeats interleaved across engines so that machine
+    noise hits all of them alike. A failing engine gets a status instead of times."""
+    dev = torch.device(device)
+    steps, out = {}, {}
+    for name in engines:
+        try:
+            step, _ = build_engine(name, workload, B, K, dev)
+            step()  # warm-up (and first failure point)
+            _sync(dev)
+            steps[name] = step
+        except Exception as e:  # noqa: BLE001 - reported in the table, never dropped
+            out[name] = {"status": _failure(e)}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    times = {n: [] for n in steps}
+    for _ in range(repeats):
+        for name, step in list(steps.items()):
+            gc.collect()
+            _sync(dev)
+            t0 = time.perf_counter()
+            try:
+                step()
+                _sync(dev)
+            except Exception as e:  # noqa: BLE001
+                out[name] = {"status": _failure(e)}
+                del steps[name]
+                continue
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        if name in out:
+            continue
+        ts_sorted = sorted(ts)
+        q1, q3 = ts_sorted[len(ts) // 4], ts_sorted[(3 * len(ts)) // 4]
+        out[name] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                     "iqr_s": q3 - q1, "times_s": ts}
+    return out
+
+
+def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) -> dict:
+    """Peak memory of two steps and its rise over the memory held before them (model, optimizer, rows)."""
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        step, nparams = build_engine(engine, workload, B, K, dev)
+        gc.collect()
+        if dev.type == "cuda":
+            before = torch.cuda.memory_allocated(dev)
+        else:
+            before = _reset_peak_rss()
+        for _ in range(2):
+            step()
+        _sync(dev)
+    except Exception as e:  # noqa: BLE001
+        return {"status": _failure(e)}
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _status_kb("VmHWM") * 1024
+    return {"status": "ok", "peak_bytes": peak, "step_extra_bytes": peak - before, "params": nparams}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS counter (VmHWM) and return the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then includes start-up
+        return 0
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_memory(engine: str, workload: str, B: int, K: int, device: str, threads: int) -> dict:
+    """CPU: in a fresh subprocess (peak RSS cannot be reset); GPU: in this process."""
+    if torch.device(device).type == "cuda":
+        return peak_memory_here(engine, workload, B, K, device)
+    cmd = [sys.executable, "-m", "dpdm_fast.benchmarks.measure", "memory", engine, workload, str(B), str(K),
+           "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"status": "out of memory" if proc.returncode == -9 else f"failed: {tail[:160]}"}
+    return json.loads(lines[-1])
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["memory"])
+    ap.add_argument("engine")
+    ap.add_argument("workload")
+    ap.add_argument("B", type=int)
+    ap.add_argument("K", type=int)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(json.dumps(peak_memory_here(a.engine, a.workload, a.B, a.K, a.device)))
+
+
+if __name__ == "__main__":
+    _main()

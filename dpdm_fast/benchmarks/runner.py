@@ -1,0 +1,52 @@
+"""Run a grid of (workload, B, K) cells for a set of engines and derive the ratios."""
+from __future__ import annotations
+
+import gc
+from typing import Iterable
+
+import torch
+
+from .measure import peak_memory, time_cell
+from .report import machine_info
+
+CPU_QUICK_GRID = [(8, 4), (16, 8)]
+CPU_GRID = [(8, 4), (16, 8), (32, 4)]
+GPU_GRID = [(64, 32), (256, 32), (1024, 8)]
+
+
+def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tuple[int, int]], *,
+             repeats: int = 5, device: str = "cpu", threads: int = 2, memory: bool = True,
+             log=print) -> dict:
+    engines, workloads, grid = list(engines), list(workloads), list(grid)
+    torch.set_num_threads(threads)
+    cells = []
+    for w in workloads:
+        for B, K in grid:
+            log(f"[{w} B={B} K={K}] timing {', '.join(engines)} ({repeats} interleaved repeats)")
+            timing = time_cell(engines, w, B, K, repeats, device)
+            gc.collect()
+            row = []
+            for e in engines:
+                cell = {"workload": w, "B": B, "K": K, "engine": e, **timing[e]}
+                if memory:
+                    mem = peak_memory(e, w, B, K, device, threads)
+                    cell["peak_bytes"] = mem.get("peak_bytes")
+                    cell["step_extra_bytes"] = mem.get("step_extra_bytes")
+                    if cell["status"] == "ok" and mem["status"] != "ok":
+                        cell["status"] = f"memory run {mem['status']}"
+                if cell["status"] == "ok":
+                    cell["examples_per_s"] = B / cell["median_s"]
+                    cell["rows_per_s"] = B * K / cell["median_s"]
+                row.append(cell)
+            by = {c["engine"]: c for c in row if c["status"] == "ok"}
+            for c in row:
+                if c["status"] != "ok":
+                    continue
+                if "nonprivate" in by:
+                    c["x_nonprivate"] = c["median_s"] / by["nonprivate"]["median_s"]
+                    if c.get("peak_bytes") and by["nonprivate"].get("peak_bytes"):
+                        c["mem_over_nonprivate"] = c["peak_bytes"] - by["nonprivate"]["peak_bytes"]
+                if "opacus_kavg" in by:
+                    c["speedup_vs_opacus_kavg"] = by["opacus_kavg"]["median_s"] / c["median_s"]
+            cells += row
+    return {"machine": machine_info(device, threads), "engines": engines, "repeats": repeats, "cells": cells}
