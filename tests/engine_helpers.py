@@ -43,3 +43,12 @@ def flat_grad(module):
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def zero_noise_engine(model, K=1, C=1.0, expected=1, reduction="mean", **kw):
+    """A private module and a noise-free DP optimizer (SGD, lr 0): p.grad after step() is the clipped update."""
+    from dpdm_fast.engine import DPOptimizer, PrivateModule
+    pm = PrivateModule(model, noise_multiplicity=K, max_grad_norm=C, loss_reduction=reduction, **kw)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), pm.collector, noise_multiplier=0.0,
+                      max_grad_norm=C, expected_batch_size=expected, loss_reduction=reduction)
+    return pm, opt

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpdm_fast import BatchMemoryManager, PrivacyEngine
 from dpdm_fast.engine import DPOptimizer, PrivateModule
 from dpdm_fast.engine.reference import per_example_loop_update
-from engine_helpers import rel
+from engine_helpers import rel, zero_noise_engine
 
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 
@@ -83,9 +83,7 @@ def test_physical_batches_equal_one_big_batch():
 
     torch.manual_seed(0)
     model = Tiny()
-    pm = PrivateModule(model, noise_multiplicity=K, max_grad_norm=C)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), pm.collector, noise_multiplier=0.0,
-                      max_grad_norm=C, expected_batch_size=5)
+    pm, opt = zero_noise_engine(model, K, C, 5)
     bmm = BatchMemoryManager(data_loader=[(x, y)], max_physical_batch_size=3, optimizer=opt)
     seen = []
     with bmm as batches:
@@ -109,9 +107,7 @@ def test_multiple_backward_calls_accumulate():
     reference = per_example_loop_update(Tiny(), row_losses, rows, K, C, expected_batch_size=4)
     torch.manual_seed(0)
     model = Tiny()
-    pm = PrivateModule(model, noise_multiplicity=K, max_grad_norm=C)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), pm.collector, noise_multiplier=0.0,
-                      max_grad_norm=C, expected_batch_size=4)
+    pm, opt = zero_noise_engine(model, K, C, 4)
     row_losses(pm, *(r[:2 * K] for r in rows)).mean().backward()
     row_losses(pm, *(r[2 * K:] for r in rows)).mean().backward()
     assert pm.collector.num_examples == 5
@@ -223,9 +219,7 @@ def test_bf16_forward_clips_in_fp32():
     reference = per_example_loop_update(Tiny(), row_losses, rows, K, C, expected_batch_size=4)
     torch.manual_seed(0)
     model = Tiny()
-    pm = PrivateModule(model, noise_multiplicity=K, max_grad_norm=C)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), pm.collector, noise_multiplier=0.0,
-                      max_grad_norm=C, expected_batch_size=4)
+    pm, opt = zero_noise_engine(model, K, C, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = row_losses(pm, *rows).float().mean()
     loss.backward()
@@ -352,9 +346,7 @@ def test_fallback_layer_in_a_model_matches_loop():
     model = build()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = PrivateModule(model, noise_multiplicity=2, max_grad_norm=0.3)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), pm.collector, noise_multiplier=0.0,
-                      max_grad_norm=0.3, expected_batch_size=4)
+        pm, opt = zero_noise_engine(model, 2, 0.3, 4)
     loss(pm, x, t).mean().backward()
     opt.step()
     assert rel(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), ref) < 1e-5
@@ -369,3 +361,30 @@ def test_frozen_parameters_are_left_alone():
     x, y = dataset(3)[:]
     row_losses(pm, x, y, torch.zeros(3)).mean().backward()
     assert model.emb.weight.requires_grad is False and model.conv.weight.requires_grad is True
+
+
+def test_checkpoints_interchangeable_with_the_plain_model():
+    from dpdm_fast.diffusion import EDMDenoiser
+    from dpdm_fast.models import NCSNpp
+    torch.manual_seed(0)
+    plain = NCSNpp(28, [7], nf=16)
+    torch.manual_seed(1)
+    pm = PrivateModule(NCSNpp(28, [7], nf=16))
+    assert list(pm.state_dict()) == list(plain.state_dict())
+    pm.load_state_dict(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(pm.state_dict().values(), plain.state_dict().values()))
+    wrapped, reference = EDMDenoiser(pm), EDMDenoiser(plain)
+    assert list(wrapped.state_dict()) == list(reference.state_dict())
+    wrapped.load_state_dict(reference.state_dict())  # nested: keys without the wrapper's prefix
+
+
+def test_default_noise_generator_is_seeded_from_torch_seed():
+    def first_update():
+        engine, model, opt, loader = make(K=1, sigma=1.0)  # calls torch.manual_seed(0) first
+        x, y = next(iter(loader))
+        row_losses(model, x, y, torch.zeros(len(x))).mean().backward()
+        torch.rand(5)  # global randomness used elsewhere does not shift the noise stream
+        opt.step()
+        return model.head.weight.grad.clone()
+    assert isinstance(make()[2].generator, torch.Generator)
+    assert torch.equal(first_update(), first_update())

@@ -4,15 +4,12 @@ import warnings
 import pytest
 import torch
 
-from dpdm_fast.engine import DPOptimizer, PrivateModule
 from dpdm_fast.engine.reference import opacus_k_averaged_update, per_example_loop_update
-from engine_helpers import celeba_net, dpdm_rows, flat_grad, mnist_net, rel, row_losses
+from engine_helpers import celeba_net, dpdm_rows, flat_grad, mnist_net, rel, row_losses, zero_noise_engine
 
 
 def engine_update(net, loss, rows, K, C, expected, reduction="mean"):
-    pm = PrivateModule(net, noise_multiplicity=K, max_grad_norm=C, loss_reduction=reduction)
-    opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), pm.collector, noise_multiplier=0.0,
-                      max_grad_norm=C, expected_batch_size=expected, loss_reduction=reduction)
+    pm, opt = zero_noise_engine(net, K, C, expected, reduction)
     losses = row_losses(loss, pm, *rows)
     (losses.mean() if reduction == "mean" else losses.sum()).backward()
     opt.step()

@@ -1,8 +1,8 @@
 """Measurements of one grid cell: interleaved step times, and peak memory of each engine alone.
 
-CPU peak memory is the peak RSS of a fresh subprocess that builds one engine and runs two steps
+CPU peak memory is the peak RSS of a fresh subprocess that builds one engine and runs one step
 (``python -m dpdm_fast.benchmarks.measure memory ...``); GPU peak memory is
-``torch.cuda.max_memory_allocated`` around the same two steps.
+``torch.cuda.max_memory_allocated`` around the same step.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def time_cell(engines: list[str], workload: str, B: int, K: int, repeats: int, d
 
 
 def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) -> dict:
-    """Peak memory of two steps and its rise over the memory held before them (model, optimizer, rows)."""
+    """Peak memory of one step and its rise over the memory held before them (model, optimizer, rows)."""
     dev = torch.device(device)
     try:
         if dev.type == "cuda":
@@ -82,8 +82,7 @@ def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) ->
             before = torch.cuda.memory_allocated(dev)
         else:
             before = _reset_peak_rss()
-        for _ in range(2):
-            step()
+        step()  # one step: the first one also allocates the optimizer state, as in training
         _sync(dev)
     except Exception as e:  # noqa: BLE001
         return {"status": _failure(e)}

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from .optimizer import DPOptimizer, secure_generator
 from .private_module import PrivateModule
-from .sampling import PoissonDataLoader, make_poisson_loader
+from .poisson import PoissonDataLoader, make_poisson_loader
 
 
 class PrivacyEngine:
@@ -23,8 +23,9 @@ class PrivacyEngine:
     Same constructor and ``make_private`` / ``make_private_with_epsilon`` / ``get_epsilon`` as
     Opacus; accounting is Opacus's own accountants ('rdp', 'prv', 'gdp').
 
-    ``secure_mode=False`` (default): noise from ``noise_generator`` if given (reproducible), else
-    torch's default generator. ``secure_mode=True``: noise from a generator seeded from
+    ``secure_mode=False`` (default): noise from ``noise_generator`` if given, else from a
+    ``torch.Generator`` seeded from torch's global RNG at ``make_private`` (reproducible under
+    ``torch.manual_seed``). ``secure_mode=True``: noise from a generator seeded from
     ``os.urandom`` and re-seeded from it after every step, Poisson sampling likewise, and Opacus's
     floating-point-attack defence (sum of 4 draws / 2). The stream is then unpredictable from any
     seed in code or config; torch's generators are not themselves cryptographic PRNGs.
@@ -84,6 +85,13 @@ class PrivacyEngine:
         sample_rate = 1 / len(data_loader)
         expected_batch_size = int(len(data_loader.dataset) * sample_rate)
 
+        if noise_generator is None and not self.secure_mode:
+            # A seeded generator of our own, drawn from torch's global RNG: torch.manual_seed(s) before
+            # make_private makes the noise reproducible, and nothing else consuming global randomness
+            # (dropout, data augmentation) shifts the noise stream.
+            device = private.collector.clipped_sum.device
+            noise_generator = torch.Generator(device=device)
+            noise_generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         dp_optimizer = DPOptimizer(optimizer, private.collector, noise_multiplier=noise_multiplier,
                                    max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
                                    loss_reduction=loss_reduction, generator=noise_generator,

@@ -124,6 +124,7 @@ class PrivateModule(nn.Module):
             raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
         validate_module(module)
         self._module = module
+        self._register_load_state_dict_pre_hook(self._accept_plain_keys, with_module=True)
         self.noise_multiplicity = noise_multiplicity
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.collector = GroupGradientCollector(FlatLayout(self.trainable), noise_multiplicity,
@@ -210,13 +211,19 @@ class PrivateModule(nn.Module):
         return self._module
 
     def state_dict(self, *args, **kwargs):
+        """The wrapped model's state dict, without a wrapper prefix (also when nested in another module)."""
         return self._module.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self._module.load_state_dict(state_dict, strict=strict, assign=assign)
+    @staticmethod
+    def _accept_plain_keys(module, state_dict, prefix, *args) -> None:
+        """Load-time twin of ``state_dict``: plain keys are routed to the wrapped model."""
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "_module.")]:
+            state_dict[prefix + "_module." + key[len(prefix):]] = state_dict.pop(key)
 
     def __getattr__(self, item):
         try:
             return super().__getattr__(item)
         except AttributeError:
+            if item == "_module":
+                raise
             return getattr(self._module, item)
