@@ -388,3 +388,14 @@ def test_default_noise_generator_is_seeded_from_torch_seed():
         return model.head.weight.grad.clone()
     assert isinstance(make()[2].generator, torch.Generator)
     assert torch.equal(first_update(), first_update())
+
+
+def test_a_failed_backward_leaves_the_engine_usable():
+    engine, model, opt, loader = make(K=3)
+    x, y = dataset(4)[:]
+    with pytest.raises(ValueError, match="K=3"):
+        row_losses(model, *expand(x, y, 2)).mean().backward()
+    next(iter(loader))
+    row_losses(model, *expand(x, y, 3)).mean().backward()
+    opt.step()
+    assert engine.steps == 1

@@ -104,6 +104,10 @@ class GroupGradientCollector:
         self.num_examples += B
         self.backward_calls += 1
 
+    def abort(self) -> None:
+        """Forget a backward pass that failed half-way (its clipped contributions were never added)."""
+        self._buffer, self._written = None, set()
+
     def reset(self) -> None:
         self.clipped_sum.zero_()
         self.num_examples = 0
@@ -170,6 +174,13 @@ class PrivateModule(nn.Module):
         collector, K = self.collector, self.noise_multiplicity
 
         def on_grad(inputs, grad_out):
+            try:
+                compute(inputs, grad_out)
+            except BaseException:
+                collector.abort()  # leave no half-written backward behind for the next one
+                raise
+
+        def compute(inputs, grad_out):
             buffer = collector.buffer_for(grad_out.shape[0], grad_out.device)
             if buffer.shape[0] == 0:
                 for p in params.values():
