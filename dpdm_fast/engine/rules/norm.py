@@ -25,7 +25,8 @@ def group_norm_rule(module: nn.GroupNorm, inputs: tuple, g: torch.Tensor, K: int
             out["weight"] = x.new_zeros(0, C)
         else:
             x_hat = torch.native_group_norm(x, None, None, N, C, S, module.num_groups, module.eps)[0]
-            out["weight"] = (g4 * x_hat.reshape(B, K, C, S)).sum(dim=(1, 3))
+            x_hat.mul_(g.reshape(x_hat.shape))  # in place: one activation-sized temporary, not two
+            out["weight"] = x_hat.reshape(B, K, C, S).sum(dim=(1, 3))
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = g4.sum(dim=(1, 3))
     return out
