@@ -74,16 +74,21 @@ def test_drop_in_training_loop_runs_and_accounts():
     assert set(model.state_dict()) == set(Tiny().state_dict())  # checkpoints without a wrapper prefix
 
 
-def test_physical_batches_equal_one_big_batch():
-    K, C = 2, 0.05
-    x, y = dataset(7)[:]
+def loop_reference_and_engine(n, K, C, expected):
+    """n examples' rows, the per-example-loop update on them, and a fresh zero-noise engine on the same init."""
+    x, y = dataset(n)[:]
     rows = expand(x, y, K)
     torch.manual_seed(0)
-    reference = per_example_loop_update(Tiny(), row_losses, rows, K, C, expected_batch_size=5)
-
+    reference = per_example_loop_update(Tiny(), row_losses, rows, K, C, expected_batch_size=expected)
     torch.manual_seed(0)
     model = Tiny()
-    pm, opt = zero_noise_engine(model, K, C, 5)
+    pm, opt = zero_noise_engine(model, K, C, expected)
+    return (x, y), rows, reference, model, pm, opt
+
+
+def test_physical_batches_equal_one_big_batch():
+    K, C = 2, 0.05
+    (x, y), rows, reference, model, pm, opt = loop_reference_and_engine(7, K, C, 5)
     bmm = BatchMemoryManager(data_loader=[(x, y)], max_physical_batch_size=3, optimizer=opt)
     seen = []
     with bmm as batches:
@@ -101,13 +106,7 @@ def test_physical_batches_equal_one_big_batch():
 
 def test_multiple_backward_calls_accumulate():
     K, C = 3, 0.1
-    x, y = dataset(5)[:]
-    rows = expand(x, y, K)
-    torch.manual_seed(0)
-    reference = per_example_loop_update(Tiny(), row_losses, rows, K, C, expected_batch_size=4)
-    torch.manual_seed(0)
-    model = Tiny()
-    pm, opt = zero_noise_engine(model, K, C, 4)
+    _, rows, reference, model, pm, opt = loop_reference_and_engine(5, K, C, 4)
     row_losses(pm, *(r[:2 * K] for r in rows)).mean().backward()
     row_losses(pm, *(r[2 * K:] for r in rows)).mean().backward()
     assert pm.collector.num_examples == 5
@@ -213,13 +212,7 @@ def test_noise_reproducible_with_generator_and_not_in_secure_mode():
 
 def test_bf16_forward_clips_in_fp32():
     K, C = 2, 0.05
-    x, y = dataset(4)[:]
-    rows = expand(x, y, K)
-    torch.manual_seed(0)
-    reference = per_example_loop_update(Tiny(), row_losses, rows, K, C, expected_batch_size=4)
-    torch.manual_seed(0)
-    model = Tiny()
-    pm, opt = zero_noise_engine(model, K, C, 4)
+    _, rows, reference, model, pm, opt = loop_reference_and_engine(4, K, C, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = row_losses(pm, *rows).float().mean()
     loss.backward()
