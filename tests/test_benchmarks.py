@@ -40,3 +40,13 @@ def test_all_engines_build_and_step_on_celeba():
         step, nparams = build_engine(engine, "celeba", 1, 1)
         step()
         assert nparams == 1_804_451
+
+
+def test_cpu_peak_memory_counts_the_per_example_buffer():
+    from dpdm_fast.benchmarks.measure import peak_memory_here
+    plain = peak_memory_here("nonprivate", "mnist", 2, 1, "cpu")
+    private = peak_memory_here("dpdm_fast", "mnist", 2, 1, "cpu")
+    assert plain["status"] == private["status"] == "ok"
+    assert plain["peak_bytes"] > 3 * 1_753_345 * 4  # weights, grads and Adam's two moments at least
+    buffer = 2 * 1_753_345 * 4
+    assert 0.5 * buffer < private["peak_bytes"] - plain["peak_bytes"] < 1.5 * buffer

@@ -1,8 +1,8 @@
 """Measurements of one grid cell: interleaved step times, and peak memory of each engine alone.
 
-CPU peak memory is the peak RSS of a fresh subprocess that builds one engine and runs one step
-(``python -m dpdm_fast.benchmarks.measure memory ...``); GPU peak memory is
-``torch.cuda.max_memory_allocated`` around the same step.
+Peak memory is measured in a fresh subprocess per engine (``python -m dpdm_fast.benchmarks.measure
+memory ...``) that builds the engine and runs two steps: on CPU the peak of live tensor bytes (torch
+profiler allocation events) and the peak RSS, on GPU ``torch.cuda.max_memory_allocated``.
 """
 from __future__ import annotations
 
@@ -70,24 +70,37 @@ def time_cell(engines: list[str], workload: str, B: int, K: int, repeats: int, d
 
 
 def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) -> dict:
-    """Peak memory of one step and its rise over the memory held before them (model, optimizer, rows)."""
+    """Peak memory of building the engine and running two training steps.
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU: the peak of live tensor bytes, from the torch
+    profiler's allocation events (precise: model, rows, optimizer state, persistent engine buffers and
+    every temporary), plus the process's peak RSS during the steps (what the OS saw; noisy).
+    """
     dev = torch.device(device)
     try:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        step, nparams = build_engine(engine, workload, B, K, dev)
-        gc.collect()
-        if dev.type == "cuda":
-            before = torch.cuda.memory_allocated(dev)
-        else:
-            before = _reset_peak_rss()
-        step()  # one step: the first one also allocates the optimizer state, as in training
-        _sync(dev)
+            step, nparams = build_engine(engine, workload, B, K, dev)
+            for _ in range(2):
+                step()
+            _sync(dev)
+            return {"status": "ok", "peak_bytes": torch.cuda.max_memory_allocated(dev), "params": nparams}
+        from torch.profiler import ProfilerActivity, profile
+        _reset_peak_rss()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step, nparams = build_engine(engine, workload, B, K, dev)
+            for _ in range(2):
+                step()
     except Exception as e:  # noqa: BLE001
         return {"status": _failure(e)}
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _status_kb("VmHWM") * 1024
-    return {"status": "ok", "peak_bytes": peak, "step_extra_bytes": peak - before, "params": nparams}
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return {"status": "ok", "peak_bytes": peak, "peak_rss_bytes": _status_kb("VmHWM") * 1024, "params": nparams}
 
 
 def _status_kb(field: str) -> int:
@@ -109,7 +122,7 @@ def _reset_peak_rss() -> int:
 
 
 def peak_memory(engine: str, workload: str, B: int, K: int, device: str, threads: int) -> dict:
-    """CPU: in a fresh subprocess (peak RSS cannot be reset); GPU: in this process."""
+    """CPU: in a fresh subprocess, so nothing another engine allocated counts; GPU: in this process."""
     if torch.device(device).type == "cuda":
         return peak_memory_here(engine, workload, B, K, device)
     cmd = [sys.executable, "-m", "dpdm_fast.benchmarks.measure", "memory", engine, workload, str(B), str(K),

@@ -53,8 +53,9 @@ def markdown_table(result: dict) -> str:
                      f"{c['examples_per_s']:.1f} | {c['rows_per_s']:.0f} | {_fmt_bytes(c.get('peak_bytes'))} | "
                      f"{over} | {ratio} | {speed} |")
     notes = ("\n\nopacus_ghost clips each row (B*K privacy units), not each group of K rows: a speed reference, "
-             "not the same algorithm. Peak memory: CPU = peak RSS of a fresh process during one step (the first, which also allocates Adam's state); "
-             "GPU = torch.cuda.max_memory_allocated. 'mem over non-private' = that peak minus the non-private peak.")
+             "not the same algorithm. Peak memory (building the engine + two steps, fresh process per engine): CPU = peak of "
+             "live tensor bytes from the torch profiler's allocation events (peak RSS is in the JSON); GPU = "
+             "torch.cuda.max_memory_allocated. 'mem over non-private' = that peak minus the non-private peak.")
     return head + "\n".join(lines) + notes + "\n"
 
 

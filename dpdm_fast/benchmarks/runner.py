@@ -14,6 +14,34 @@ CPU_GRID = [(8, 4), (16, 8), (32, 4)]
 GPU_GRID = [(64, 32), (256, 32), (1024, 8)]
 
 
+def derive_ratios(row: list[dict]) -> None:
+    """Ratios within one (workload, B, K) cell: time vs non-private, speed-up vs Opacus, memory over non-private."""
+    by = {c["engine"]: c for c in row if c["status"] == "ok"}
+    for c in row:
+        if c["status"] != "ok":
+            continue
+        if "nonprivate" in by:
+            c["x_nonprivate"] = c["median_s"] / by["nonprivate"]["median_s"]
+            if c.get("peak_bytes") and by["nonprivate"].get("peak_bytes"):
+                c["mem_over_nonprivate"] = c["peak_bytes"] - by["nonprivate"]["peak_bytes"]
+        if "opacus_kavg" in by:
+            c["speedup_vs_opacus_kavg"] = by["opacus_kavg"]["median_s"] / c["median_s"]
+
+
+def remeasure_memory(result: dict, threads: int = 2, log=print) -> dict:
+    """Re-run only the memory measurements of a saved result (e.g. after changing the memory metric)."""
+    for c in result["cells"]:
+        if c["status"] != "ok":
+            continue
+        log(f"[{c['workload']} B={c['B']} K={c['K']}] memory of {c['engine']}")
+        mem = peak_memory(c["engine"], c["workload"], c["B"], c["K"], result["machine"]["device"], threads)
+        c.pop("step_extra_bytes", None)
+        c["peak_bytes"], c["peak_rss_bytes"] = mem.get("peak_bytes"), mem.get("peak_rss_bytes")
+    for key in {(c["workload"], c["B"], c["K"]) for c in result["cells"]}:
+        derive_ratios([c for c in result["cells"] if (c["workload"], c["B"], c["K"]) == key])
+    return result
+
+
 def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tuple[int, int]], *,
              repeats: int = 5, device: str = "cpu", threads: int = 2, memory: bool = True,
              log=print) -> dict:
@@ -31,22 +59,13 @@ def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tu
                 if memory:
                     mem = peak_memory(e, w, B, K, device, threads)
                     cell["peak_bytes"] = mem.get("peak_bytes")
-                    cell["step_extra_bytes"] = mem.get("step_extra_bytes")
+                    cell["peak_rss_bytes"] = mem.get("peak_rss_bytes")
                     if cell["status"] == "ok" and mem["status"] != "ok":
                         cell["status"] = f"memory run {mem['status']}"
                 if cell["status"] == "ok":
                     cell["examples_per_s"] = B / cell["median_s"]
                     cell["rows_per_s"] = B * K / cell["median_s"]
                 row.append(cell)
-            by = {c["engine"]: c for c in row if c["status"] == "ok"}
-            for c in row:
-                if c["status"] != "ok":
-                    continue
-                if "nonprivate" in by:
-                    c["x_nonprivate"] = c["median_s"] / by["nonprivate"]["median_s"]
-                    if c.get("peak_bytes") and by["nonprivate"].get("peak_bytes"):
-                        c["mem_over_nonprivate"] = c["peak_bytes"] - by["nonprivate"]["peak_bytes"]
-                if "opacus_kavg" in by:
-                    c["speedup_vs_opacus_kavg"] = by["opacus_kavg"]["median_s"] / c["median_s"]
+            derive_ratios(row)
             cells += row
     return {"machine": machine_info(device, threads), "engines": engines, "repeats": repeats, "cells": cells}
