@@ -57,6 +57,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bad = [n for n in name if n not in known]
         if bad:
             raise ValueError(f"unknown {bad}; choose from {sorted(known)}")
+    if args.device.startswith("cuda") and not __import__("torch").cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
     grid = args.grid or (GPU_GRID if args.device.startswith("cuda") else CPU_QUICK_GRID)
     result = run_grid(engines, workloads, grid, repeats=args.repeats, device=args.device, threads=args.threads,
                       memory=not args.no_memory)

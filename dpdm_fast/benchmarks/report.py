@@ -25,7 +25,7 @@ def machine_info(device: str, threads: int) -> dict:
             versions[name] = "not installed"
     import dpdm_fast
     versions["dpdm_fast"] = dpdm_fast.__version__
-    gpu = torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" else None
+    gpu = torch.cuda.get_device_name(0) if torch.device(device).type == "cuda" and torch.cuda.is_available() else None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "device": device, "gpu": gpu, **versions}
 
