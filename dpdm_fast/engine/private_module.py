@@ -65,6 +65,9 @@ class GroupGradientCollector:
                 raise ValueError(f"the loss covers {rows} rows, not a multiple of noise_multiplicity "
                                  f"K={self.K}: each example must contribute exactly K consecutive rows")
             B = rows // self.K
+            if self.clipped_sum.device != device:
+                raise RuntimeError(f"the model runs on {device} but the engine was set up on {self.clipped_sum.device}: "
+                                   "move the model to its device before make_private (as with Opacus)")
             if self._storage is None or self._storage.shape[0] < B or self._storage.device != device:
                 self._storage = torch.empty(B, self.layout.size, dtype=torch.float32, device=device)
             self._buffer, self._rows = self._storage[:B], rows
