@@ -61,7 +61,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
     grid = args.grid or (GPU_GRID if args.device.startswith("cuda") else CPU_QUICK_GRID)
     result = run_grid(engines, workloads, grid, repeats=args.repeats, device=args.device, threads=args.threads,
-                      memory=not args.no_memory)
+                      memory=not args.no_memory, isolate=args.isolate)
     paths = write_outputs(result, Path(args.out))
     print(paths["table"].read_text())
     print(f"wrote {paths['json']}, {paths['table']}" + (f", {paths['plot']}" if paths["plot"] else ""))
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    bench.add_argument("--isolate", action="store_true",
+                       help="time each engine alone in fresh processes (one per step, engines taking turns) "
+                            "instead of interleaved in one process")
     bench.add_argument("--out", default="bench/out", help="folder for results.json, results.md, results.png")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -50,3 +50,9 @@ def test_cpu_peak_memory_counts_the_per_example_buffer():
     assert plain["peak_bytes"] > 3 * 1_753_345 * 4  # weights, grads and Adam's two moments at least
     buffer = 2 * 1_753_345 * 4
     assert 0.5 * buffer < private["peak_bytes"] - plain["peak_bytes"] < 1.5 * buffer
+
+
+def test_isolated_timing_runs_each_engine_in_its_own_process():
+    from dpdm_fast.benchmarks.measure import time_cell_isolated
+    out = time_cell_isolated(["nonprivate", "dpdm_fast"], "mnist", 1, 1, rounds=2, device="cpu", threads=1)
+    assert all(r["status"] == "ok" and len(r["times_s"]) == 2 for r in out.values())

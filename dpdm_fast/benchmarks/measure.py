@@ -60,13 +60,64 @@ def time_cell(engines: list[str], workload: str, B: int, K: int, repeats: int, d
                 continue
             times[name].append(time.perf_counter() - t0)
     for name, ts in times.items():
-        if name in out:
-            continue
-        ts_sorted = sorted(ts)
-        q1, q3 = ts_sorted[len(ts) // 4], ts_sorted[(3 * len(ts)) // 4]
-        out[name] = {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
-                     "iqr_s": q3 - q1, "times_s": ts}
+        if name not in out:
+            out[name] = _summary(ts)
     return out
+
+
+def _summary(ts: list[float]) -> dict:
+    ts_sorted = sorted(ts)
+    q1, q3 = ts_sorted[len(ts) // 4], ts_sorted[(3 * len(ts)) // 4]
+    return {"status": "ok", "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+            "iqr_s": q3 - q1, "times_s": ts}
+
+
+def time_here(engine: str, workload: str, B: int, K: int, steps: int, device: str) -> dict:
+    dev = torch.device(device)
+    try:
+        step, _ = build_engine(engine, workload, B, K, dev)
+        step()
+        _sync(dev)
+        ts = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            _sync(dev)
+            ts.append(time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001
+        return {"status": _failure(e)}
+    return {"status": "ok", "times_s": ts}
+
+
+def time_cell_isolated(engines: list[str], workload: str, B: int, K: int, rounds: int, device: str,
+                       threads: int) -> dict:
+    """Like ``time_cell``, but every engine runs alone in a fresh process (as in real training, where
+    one process trains with one engine), one timed step per process, engines taking turns for
+    ``rounds`` rounds so that machine drift still hits all of them alike."""
+    times: dict[str, list[float]] = {e: [] for e in engines}
+    out: dict[str, dict] = {}
+    for _ in range(rounds):
+        for e in engines:
+            if e in out:
+                continue
+            r = _run_self(["time", e, workload, str(B), str(K), "--threads", str(threads), "--device", device])
+            if r["status"] != "ok":
+                out[e] = r
+            else:
+                times[e] += r["times_s"]
+    for e, ts in times.items():
+        if e not in out:
+            out[e] = _summary(ts)
+    return out
+
+
+def _run_self(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "dpdm_fast.benchmarks.measure", *args], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"status": "out of memory" if proc.returncode == -9 else f"failed: {tail[:160]}"}
+    return json.loads(lines[-1])
 
 
 def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) -> dict:
@@ -125,19 +176,12 @@ def peak_memory(engine: str, workload: str, B: int, K: int, device: str, threads
     """CPU: in a fresh subprocess, so nothing another engine allocated counts; GPU: in this process."""
     if torch.device(device).type == "cuda":
         return peak_memory_here(engine, workload, B, K, device)
-    cmd = [sys.executable, "-m", "dpdm_fast.benchmarks.measure", "memory", engine, workload, str(B), str(K),
-           "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"status": "out of memory" if proc.returncode == -9 else f"failed: {tail[:160]}"}
-    return json.loads(lines[-1])
+    return _run_self(["memory", engine, workload, str(B), str(K), "--threads", str(threads)])
 
 
 def _main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["memory"])
+    ap.add_argument("what", choices=["memory", "time"])
     ap.add_argument("engine")
     ap.add_argument("workload")
     ap.add_argument("B", type=int)
@@ -146,7 +190,10 @@ def _main() -> None:
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(json.dumps(peak_memory_here(a.engine, a.workload, a.B, a.K, a.device)))
+    if a.what == "memory":
+        print(json.dumps(peak_memory_here(a.engine, a.workload, a.B, a.K, a.device)))
+    else:
+        print(json.dumps(time_here(a.engine, a.workload, a.B, a.K, 1, a.device)))
 
 
 if __name__ == "__main__":

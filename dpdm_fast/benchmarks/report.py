@@ -37,7 +37,8 @@ def _fmt_bytes(n) -> str:
 def markdown_table(result: dict) -> str:
     m = result["machine"]
     head = (f"Machine: {m['gpu'] or m['cpu']} ({m['device']}, {m['threads']} threads), torch {m['torch']}, "
-            f"opacus {m['opacus']}, triton {m['triton']}, {m['date']}\n\n")
+            f"opacus {m['opacus']}, triton {m['triton']}, {m['date']}; timing: "
+            f"{result.get('timing', 'interleaved in one process')}, {result.get('repeats')} repeats\n\n")
     lines = ["| workload | B | K | engine | median step (spread) | examples/s | rows/s | peak mem | mem over non-private | x non-private | speed-up vs Opacus hooks |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in result["cells"]:

@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from .measure import peak_memory, time_cell
+from .measure import peak_memory, time_cell, time_cell_isolated
 from .report import machine_info
 
 CPU_QUICK_GRID = [(8, 4), (16, 8)]
@@ -44,14 +44,20 @@ def remeasure_memory(result: dict, threads: int = 2, log=print) -> dict:
 
 def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tuple[int, int]], *,
              repeats: int = 5, device: str = "cpu", threads: int = 2, memory: bool = True,
-             log=print) -> dict:
+             isolate: bool = False, log=print) -> dict:
+    """Time (and measure memory of) every engine on every cell. ``isolate``: each timed step in a
+    fresh process of its own engine (slower to run; closer to a real one-engine training process)."""
     engines, workloads, grid = list(engines), list(workloads), list(grid)
     torch.set_num_threads(threads)
     cells = []
     for w in workloads:
         for B, K in grid:
-            log(f"[{w} B={B} K={K}] timing {', '.join(engines)} ({repeats} interleaved repeats)")
-            timing = time_cell(engines, w, B, K, repeats, device)
+            how = "rounds of one process per engine" if isolate else "interleaved repeats"
+            log(f"[{w} B={B} K={K}] timing {', '.join(engines)} ({repeats} {how})")
+            if isolate:
+                timing = time_cell_isolated(engines, w, B, K, repeats, device, threads)
+            else:
+                timing = time_cell(engines, w, B, K, repeats, device)
             gc.collect()
             row = []
             for e in engines:
@@ -68,4 +74,5 @@ def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tu
                 row.append(cell)
             derive_ratios(row)
             cells += row
-    return {"machine": machine_info(device, threads), "engines": engines, "repeats": repeats, "cells": cells}
+    return {"machine": machine_info(device, threads), "engines": engines, "repeats": repeats,
+            "timing": "isolated processes" if isolate else "interleaved in one process", "cells": cells}
