@@ -6,7 +6,8 @@ first use, so the gradient machinery also works where Opacus is not installed.
 from .backends import get_backend
 from .batch_memory_manager import BatchMemoryManager
 from .optimizer import DPOptimizer
-from .private_module import GroupGradientCollector, PrivateModule
+from .collector import GroupGradientCollector
+from .private_module import PrivateModule
 from .rules import RULES, find_rule, register_rule
 
 __all__ = ["PrivacyEngine", "PrivateModule", "DPOptimizer", "BatchMemoryManager", "PoissonDataLoader",

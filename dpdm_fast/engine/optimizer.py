@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Callable
 
 import torch
 from torch.optim import Optimizer
 
-from .private_module import GroupGradientCollector
+from .collector import GroupGradientCollector
 
 
 def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -17,58 +18,115 @@ def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
-class DPOptimizer:
+class DPOptimizer(Optimizer):
     """Wraps any torch optimizer; ``step()`` applies the DP-SGD update of the clipped sum.
 
     At each (logical) step: p.grad = (clipped_sum + N(0, (noise_multiplier * max_grad_norm)^2)) / d,
-    with d the expected batch size (for ``loss_reduction='mean'``; 1 for ``'sum'``, as Opacus).
-    ``before_noise`` hooks receive the flat fp32 clipped sum before noise is added; this is where a
-    distributed run all-reduces it across ranks.
+    with d the expected batch size (for ``loss_reduction='mean'``; 1 for ``'sum'``, as Opacus), times
+    the number of accumulated backward passes when ``scale_by_accumulated_iterations`` (Opacus's
+    rule, used for ``poisson_sampling=False``). It is a ``torch.optim.Optimizer`` (as Opacus's is),
+    so learning-rate schedulers work; ``param_groups`` / ``state`` are the wrapped optimizer's.
+
+    ``max_grad_norm`` and ``loss_reduction`` are read from (and ``max_grad_norm`` written to) the
+    private module's collector, so Opacus's clipping schedulers change clipping and noise together.
+    ``noise_generator=None`` draws noise from torch's global RNG, as Opacus does (so
+    ``torch.manual_seed`` fixes it); pass a ``torch.Generator`` for an isolated stream.
+    ``before_noise`` hooks receive the flat fp32 clipped sum before noise is added (where a
+    distributed run all-reduces it).
     """
 
     def __init__(self, optimizer: Optimizer, collector: GroupGradientCollector, *, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, loss_reduction: str = "mean",
-                 generator: torch.Generator | None = None, secure_mode: bool = False):
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        if expected_batch_size <= 0:
-            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+                 expected_batch_size: int, max_grad_norm: float | None = None, loss_reduction: str | None = None,
+                 generator: torch.Generator | None = None, secure_mode: bool = False,
+                 scale_by_accumulated_iterations: bool = False):
+        # No Optimizer.__init__: the wrapped optimizer owns the parameter groups and state.
+        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                      "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, hooks, OrderedDict())
         self.original_optimizer = optimizer
         self.collector = collector
-        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
-        self.expected_batch_size, self.loss_reduction = expected_batch_size, loss_reduction
+        if max_grad_norm is not None and float(max_grad_norm) != collector.max_grad_norm:
+            raise ValueError(f"max_grad_norm={max_grad_norm} differs from the private module's clipping norm "
+                             f"{collector.max_grad_norm}: one value must serve clipping and noise")
+        if loss_reduction is not None and loss_reduction != collector.loss_reduction:
+            raise ValueError(f"loss_reduction={loss_reduction!r} differs from the private module's "
+                             f"{collector.loss_reduction!r}")
+        self.noise_multiplier = noise_multiplier
+        if expected_batch_size <= 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        self.expected_batch_size = expected_batch_size
         self.secure_mode = secure_mode
-        device = collector.clipped_sum.device
+        self.scale_by_accumulated_iterations = scale_by_accumulated_iterations
         if secure_mode:
             if generator is not None:
                 raise ValueError("secure_mode draws noise from its own cryptographically seeded generator; "
                                  "do not pass noise_generator")
-            generator = secure_generator(device)
+            generator = secure_generator(collector.clipped_sum.device)
         self.generator = generator
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self.before_noise: list[Callable[[torch.Tensor], None]] = []
         self.before_step_checks: list[Callable[[], None]] = []
+        self.accumulated_iterations = 1
         self._skip_next = False
         self._last_step_skipped = False
         self._steps_taken = 0
-        layout = collector.layout
-        ours = {id(p) for p in layout.params}
+        ours = set(collector.layout.slots)
         theirs = [p for group in optimizer.param_groups for p in group["params"]]
         if {id(p) for p in theirs if p.requires_grad} - ours:
             raise ValueError("the optimizer holds parameters that are not trainable parameters of the private module")
+
+    # -- one source of truth ------------------------------------------------------------------
+    @property
+    def max_grad_norm(self) -> float:
+        return self.collector.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        self.collector.max_grad_norm = value   # clipping of the next examples and the noise of the next step
+
+    @property
+    def loss_reduction(self) -> str:
+        return self.collector.loss_reduction
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        value = float(value)
+        if not value >= 0 or value == float("inf"):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {value}")
+        self._noise_multiplier = value
 
     # -- Opacus-compatible surface ------------------------------------------------------------
     @property
     def param_groups(self):
         return self.original_optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, groups) -> None:
+        self.original_optimizer.param_groups = groups
+
     @property
     def state(self):
         return self.original_optimizer.state
 
+    @state.setter
+    def state(self, state) -> None:
+        self.original_optimizer.state = state
+
     @property
     def defaults(self):
         return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults) -> None:
+        self.original_optimizer.defaults = defaults
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.original_optimizer.add_param_group(param_group)
 
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
         self.step_hooks.append(fn)
@@ -90,43 +148,73 @@ class DPOptimizer:
         self.original_optimizer.load_state_dict(state_dict)
 
     # -- the DP step ------------------------------------------------------------------------
+    def _discard(self) -> None:
+        """A refused step releases nothing: drop its clipped sums so the next correct step starts clean."""
+        self.collector.reset()
+        self._skip_next = self._last_step_skipped = False
+
     def pre_step(self) -> bool:
         """Noise and scale; returns False when this step only accumulates."""
-        if self.collector.backward_calls == 0:
+        collector = self.collector
+        accumulated, collector.backwards_since_step = collector.backwards_since_step, 0
+        if collector.closed:
+            raise RuntimeError("this optimizer's private module was replaced by a later make_private call: use "
+                               "the optimizer that call returned")
+        if collector.backward_calls == 0:
+            self._discard()
             raise RuntimeError("optimizer.step() called without a backward() through the private module since "
                                "the last step: there are no clipped per-example gradients to apply")
         if self._skip_next:
             self._skip_next, self._last_step_skipped = False, True
             return False
         self._last_step_skipped = False
-        for check in self.before_step_checks:
-            check()
-        total = self.collector.clipped_sum
+        try:
+            for check in self.before_step_checks:
+                check()
+            self._check_no_ordinary_gradients()
+        except BaseException:
+            self._discard()
+            raise
+        self.accumulated_iterations = max(1, accumulated)
+        total = collector.clipped_sum
         for hook in self.before_noise:
             hook(total)
-        self.collector.backend.add_noise(total, self.noise_multiplier * self.max_grad_norm, self.generator,
-                                         self.secure_mode)
+        collector.backend.add_noise(total, self.noise_multiplier * self.max_grad_norm, self.generator,
+                                    self.secure_mode)
         if self.secure_mode:  # re-seed so the stream cannot be replayed from one observed seed
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         if self.loss_reduction == "mean":
-            total.div_(self.expected_batch_size)
-        layout = self.collector.layout
+            scale = self.expected_batch_size * (self.accumulated_iterations if self.scale_by_accumulated_iterations else 1)
+            total.div_(scale)
+        layout = collector.layout
         flat = total.clone()  # collector.reset() below zeroes `total`; the grads are views of this copy
         for p in layout.params:
-            p.grad = layout.flat_view(flat, p).to(p.dtype)
-        self.collector.reset()
+            p.grad = layout.flat_view(flat, p).to(p.dtype) if id(p) in collector.active else None
+        collector.reset()
         for hook in self.step_hooks:
             hook(self)
         self._steps_taken += 1
         return True
 
+    def _check_no_ordinary_gradients(self) -> None:
+        ours = self.collector.layout.slots
+        stray = [p for g in self.param_groups for p in g["params"] if id(p) not in ours and p.grad is not None]
+        if stray:
+            raise RuntimeError(f"{len(stray)} parameter(s) of the optimizer (shapes {[tuple(p.shape) for p in stray][:5]}) "
+                               "are not trainable parameters of the private module but have a gradient: it would "
+                               "be applied unclipped and un-noised; remove them from the optimizer or wrap a model "
+                               "that owns them")
+
     def step(self, closure=None):
         if closure is not None:
             with torch.enable_grad():
                 closure()
-        if self.pre_step():
-            return self.original_optimizer.step()
-        return None
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            hook(self, (), {})
+        out = self.original_optimizer.step() if self.pre_step() else None
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, (), {})
+        return out
 
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"

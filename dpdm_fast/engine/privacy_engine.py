@@ -1,34 +1,39 @@
 """``PrivacyEngine``: a drop-in for ``opacus.PrivacyEngine`` with noise multiplicity."""
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 import opacus
 import torch
 import torch.nn as nn
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.validators import ModuleValidator
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .optimizer import DPOptimizer, secure_generator
-from .private_module import PrivateModule
+from .collector import GroupGradientCollector
+from .optimizer import DPOptimizer
 from .poisson import PoissonDataLoader, make_poisson_loader
+from .private_module import PrivateModule
+from .validate import UnsupportedModuleError, compatibility_errors, validate_module
 
 
 class PrivacyEngine:
     """DP-SGD with per-example clipping of groups of K rows (DPDM's noise multiplicity).
 
-    Same constructor and ``make_private`` / ``make_private_with_epsilon`` / ``get_epsilon`` as
-    Opacus; accounting is Opacus's own accountants ('rdp', 'prv', 'gdp').
+    Same constructor and ``make_private`` / ``make_private_with_epsilon`` / ``get_epsilon`` /
+    ``save_checkpoint`` / ``load_checkpoint`` as Opacus; accounting is Opacus's own accountants
+    ('rdp', 'prv', 'gdp').
 
-    ``secure_mode=False`` (default): noise from ``noise_generator`` if given, else from a
-    ``torch.Generator`` seeded from torch's global RNG at ``make_private`` (reproducible under
-    ``torch.manual_seed``). ``secure_mode=True``: noise from a generator seeded from
-    ``os.urandom`` and re-seeded from it after every step, Poisson sampling likewise, and Opacus's
-    floating-point-attack defence (sum of 4 draws / 2). The stream is then unpredictable from any
-    seed in code or config; torch's generators are not themselves cryptographic PRNGs.
+    ``secure_mode=False`` (default): noise from ``noise_generator`` if given, else from torch's
+    global RNG (as Opacus: ``torch.manual_seed`` fixes it). ``secure_mode=True``: noise from a
+    generator seeded from ``os.urandom`` and re-seeded from it after every step, the Poisson
+    sampler re-seeded from it before every batch, and Opacus's floating-point-attack defence (sum
+    of 4 draws / 2). The streams are then unpredictable from any seed in code or config; torch's
+    generators are not themselves cryptographic PRNGs.
     """
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False):
@@ -36,11 +41,30 @@ class PrivacyEngine:
         self.secure_mode = secure_mode
         self.module: PrivateModule | None = None
         self.optimizer: DPOptimizer | None = None
-        self.data_loader: PoissonDataLoader | None = None
+        self.data_loader: DataLoader | None = None
         self.sample_rate: float | None = None
+        self.dataset = None
         if not secure_mode:
             warnings.warn("Secure RNG turned off: fine for experiments; use secure_mode=True for real releases.",
                           stacklevel=2)
+
+    # -- compatibility (Opacus's names) ---------------------------------------------------------
+    def is_compatible(self, *, module: nn.Module, optimizer: Optimizer | None = None,
+                      data_loader: DataLoader | None = None) -> bool:
+        """True when ``make_private`` would accept the module (see ``validate`` for the reasons)."""
+        return not compatibility_errors(module)
+
+    def validate(self, *, module: nn.Module, optimizer: Optimizer | None = None,
+                 data_loader: DataLoader | None = None) -> None:
+        """Raise ``UnsupportedModuleError`` listing every reason the module is not supported."""
+        validate_module(module)
+
+    @classmethod
+    def get_compatible_module(cls, module: nn.Module) -> nn.Module:
+        """Opacus's fixes (BatchNorm -> GroupNorm, ...), then validation."""
+        module = ModuleValidator.fix(module)
+        validate_module(module)
+        return module
 
     # -- wrapping ---------------------------------------------------------------------------
     def make_private(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
@@ -48,14 +72,16 @@ class PrivacyEngine:
                      poisson_sampling: bool = True, noise_generator: torch.Generator | None = None,
                      noise_multiplicity: int = 1, backend: str = "auto", strict: bool = False,
                      clipping: str = "flat", batch_first: bool = True, grad_sample_mode: str | None = None,
-                     criterion: Any = None, **kwargs):
+                     wrap_model: bool = True, rand_on_empty: bool = False, criterion: Any = None, **kwargs):
         """Returns (private module, DP optimizer, data loader), like Opacus.
 
         After ``loss.backward()`` on the mean (or sum) loss over B*K group-major rows, ``step()``
         applies: per example, the average of its K per-row gradients (Opacus-scaled for the loss
         reduction), clipped to ``max_grad_norm`` over all parameters, summed, plus
         N(0, (noise_multiplier * max_grad_norm)^2) per coordinate, divided by the expected batch
-        size (for 'mean'), then the wrapped optimizer's step.
+        size (for 'mean'), then the wrapped optimizer's step. A module returned by an earlier
+        ``make_private`` is rebuilt with these settings (the earlier module and optimizer then refuse
+        to train). ``wrap_model=False`` returns the model itself, hooked, instead of a wrapper.
         """
         if kwargs:
             raise TypeError(f"make_private got unsupported arguments {sorted(kwargs)}")
@@ -68,47 +94,56 @@ class PrivacyEngine:
                           "per-group gradients with its own rules", stacklevel=2)
         if noise_generator is not None and self.secure_mode:
             raise ValueError("passing noise_generator is prohibited in secure mode")
+        if isinstance(module, PrivateModule):
+            module = module.remove_hooks()   # rebuilt below with this call's settings
         model_params = {id(p) for p in module.parameters()}
         if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("module parameters are different from the optimizer's parameters")
 
-        private = module if isinstance(module, PrivateModule) else PrivateModule(
-            module, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm,
-            loss_reduction=loss_reduction, backend=backend, strict=strict)
-
+        private = PrivateModule(module, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm,
+                                loss_reduction=loss_reduction, backend=backend, strict=strict,
+                                allow_direct_calls=not wrap_model)
         if poisson_sampling:
-            sampler_rng = secure_generator() if self.secure_mode else None
-            data_loader = make_poisson_loader(data_loader, generator=sampler_rng)
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, rand_on_empty=rand_on_empty)
+            sample_rate = data_loader.sample_rate     # exactly the rate the sampler uses
         else:
             warnings.warn("poisson_sampling=False: the accountant's guarantee assumes Poisson sampling and "
                           "does not strictly hold for shuffled fixed-size batches", stacklevel=2)
-        sample_rate = 1 / len(data_loader)
-        expected_batch_size = int(len(data_loader.dataset) * sample_rate)
+            sample_rate = 1 / len(data_loader)
+        if self.dataset is not None and self.dataset is not data_loader.dataset:
+            warnings.warn("PrivacyEngine got a new dataset: accounting is per dataset; use a new PrivacyEngine "
+                          "for a different dataset", stacklevel=2)
+        self.dataset = data_loader.dataset
+        expected_batch_size = int(round(len(data_loader.dataset) * sample_rate, 6))
+        if expected_batch_size < 1:
+            raise ValueError(f"expected batch size {len(data_loader.dataset)} x {sample_rate:g} < 1: use a larger batch")
 
-        if noise_generator is None and not self.secure_mode:
-            # A seeded generator of our own, drawn from torch's global RNG: torch.manual_seed(s) before
-            # make_private makes the noise reproducible, and nothing else consuming global randomness
-            # (dropout, data augmentation) shifts the noise stream.
-            device = private.collector.clipped_sum.device
-            noise_generator = torch.Generator(device=device)
-            noise_generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         dp_optimizer = DPOptimizer(optimizer, private.collector, noise_multiplier=noise_multiplier,
-                                   max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                                   loss_reduction=loss_reduction, generator=noise_generator,
-                                   secure_mode=self.secure_mode)
+                                   expected_batch_size=expected_batch_size, generator=noise_generator,
+                                   secure_mode=self.secure_mode, scale_by_accumulated_iterations=not poisson_sampling)
         if poisson_sampling:
-            dp_optimizer.before_step_checks.append(_one_poisson_batch_per_step(data_loader))
-        dp_optimizer.attach_step_hook(
-            lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier, sample_rate=sample_rate))
+            dp_optimizer.before_step_checks.append(_one_poisson_batch_per_step(data_loader, private.collector))
+            hook = lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier,  # noqa: E731
+                                                    sample_rate=sample_rate)
+        else:  # Opacus's rule: k accumulated batches before one step are one step at rate k*q
+            hook = lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier,  # noqa: E731
+                                                    sample_rate=min(1.0, sample_rate * opt.accumulated_iterations))
+        dp_optimizer.attach_step_hook(hook)
         self.module, self.optimizer, self.data_loader, self.sample_rate = private, dp_optimizer, data_loader, sample_rate
-        return private, dp_optimizer, data_loader
+        return (private if wrap_model else module), dp_optimizer, data_loader
 
     def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
                                   target_epsilon: float, target_delta: float, epochs: int,
-                                  max_grad_norm: float, **kwargs):
+                                  max_grad_norm: float, poisson_sampling: bool = True, **kwargs):
         """Like ``make_private``, with the noise multiplier that reaches ``target_epsilon`` after
-        ``epochs`` epochs, found by Opacus's search for this engine's accountant."""
-        sample_rate = 1 / len(data_loader)
+        ``epochs`` epochs, found by Opacus's search for this engine's accountant at exactly the
+        sample rate the returned loader uses."""
+        if poisson_sampling:
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode,
+                                              rand_on_empty=kwargs.get("rand_on_empty", False))
+            sample_rate = data_loader.sample_rate
+        else:
+            sample_rate = 1 / len(data_loader)
         if len(self.accountant) > 0:
             warnings.warn("make_private_with_epsilon with privacy budget already spent: the noise multiplier "
                           "assumes a zero starting point, so the total epsilon will be higher", stacklevel=2)
@@ -117,7 +152,8 @@ class PrivacyEngine:
                                      sample_rate=sample_rate, epochs=epochs,
                                      accountant=self.accountant.mechanism(), **search_kw)
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
-                                 noise_multiplier=sigma, max_grad_norm=max_grad_norm, **kwargs)
+                                 noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+                                 poisson_sampling=poisson_sampling, **kwargs)
 
     # -- accounting -------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
@@ -146,22 +182,70 @@ class PrivacyEngine:
                              f"{state['mechanism']!r}) to resume the same ledger")
         self.accountant.load_state_dict(state["accountant"])
 
+    # -- checkpoints (Opacus's format) -------------------------------------------------------
+    def save_checkpoint(self, *, path: str | os.PathLike | BinaryIO | IO[bytes], module: nn.Module,
+                        optimizer: Optimizer | None = None, noise_scheduler=None, grad_clip_scheduler=None,
+                        checkpoint_dict: dict | None = None, module_state_dict_kwargs: dict | None = None,
+                        torch_save_kwargs: dict | None = None) -> None:
+        """Module (plain keys), accountant, optimizer and scheduler states in Opacus's checkpoint layout."""
+        checkpoint = dict(checkpoint_dict or {})
+        checkpoint["module_state_dict"] = module.state_dict(**(module_state_dict_kwargs or {}))
+        checkpoint["privacy_accountant_state_dict"] = self.accountant.state_dict()
+        checkpoint["privacy_accountant_mechanism"] = self.accountant.mechanism()
+        if optimizer is not None:
+            checkpoint["optimizer_state_dict"] = optimizer.state_dict()
+        if noise_scheduler is not None:
+            checkpoint["noise_scheduler_state_dict"] = noise_scheduler.state_dict()
+        if grad_clip_scheduler is not None:
+            checkpoint["grad_clip_scheduler_state_dict"] = grad_clip_scheduler.state_dict()
+        torch.save(checkpoint, path, **(torch_save_kwargs or {}))
 
-def _one_poisson_batch_per_step(loader: PoissonDataLoader):
-    """Each logical step must consume exactly one batch of the Poisson loader, or the accountant's
-    sample rate would be wrong."""
-    last = [loader.batches_drawn]
+    def load_checkpoint(self, *, path: str | os.PathLike | BinaryIO | IO[bytes], module: nn.Module,
+                        optimizer: Optimizer | None = None, noise_scheduler=None, grad_clip_scheduler=None,
+                        module_load_dict_kwargs: dict | None = None, torch_load_kwargs: dict | None = None) -> dict:
+        """Restore what ``save_checkpoint`` (ours or Opacus's) wrote; returns the checkpoint dict."""
+        checkpoint = torch.load(path, **{"weights_only": False, **(torch_load_kwargs or {})})
+        mechanism = checkpoint.get("privacy_accountant_mechanism", self.accountant.mechanism())
+        if mechanism != self.accountant.mechanism():
+            raise ValueError(f"checkpoint was accounted with {mechanism!r}, this engine uses "
+                             f"{self.accountant.mechanism()!r}: create PrivacyEngine(accountant={mechanism!r})")
+        module.load_state_dict(checkpoint["module_state_dict"], **(module_load_dict_kwargs or {}))
+        self.accountant.load_state_dict(checkpoint["privacy_accountant_state_dict"])
+        for obj, key in ((optimizer, "optimizer_state_dict"), (noise_scheduler, "noise_scheduler_state_dict"),
+                         (grad_clip_scheduler, "grad_clip_scheduler_state_dict")):
+            state = checkpoint.pop(key, {})
+            if obj is not None and state:
+                obj.load_state_dict(state)
+            elif (obj is not None) != bool(state):
+                warnings.warn(f"{key} has {len(state)} items but the {key.rsplit('_state', 1)[0]} is "
+                              f"{'' if obj is not None else 'not '}provided", stacklevel=2)
+        return checkpoint
+
+
+def _one_poisson_batch_per_step(loader: PoissonDataLoader, collector: GroupGradientCollector):
+    """Each step must fold in exactly the examples of one Poisson batch of the loader, each clipped once."""
 
     def check() -> None:
-        drawn = loader.batches_drawn - last[0]
-        if drawn == 0:
+        drawn = loader.take_drawn()
+        if not drawn:
             raise RuntimeError("optimizer.step() without a new batch from the Poisson data loader returned by "
                                "make_private: the accountant assumes every step uses one Poisson-sampled batch "
                                "(iterate that loader, or pass poisson_sampling=False and accept the caveat)")
-        if drawn > 1:
-            raise RuntimeError(f"{drawn} Poisson batches were used for one optimizer step: the accountant counts "
-                               "one batch per step; step after each batch, or split one batch into physical "
-                               "batches with dpdm_fast.BatchMemoryManager")
-        last[0] = loader.batches_drawn
+        if len(drawn) > 1:
+            raise RuntimeError(f"{len(drawn)} Poisson batches were drawn for one optimizer step: the accountant counts "
+                               "one batch per step, and every batch drawn must be stepped (also an empty one: "
+                               "skipping it changes the mechanism); step after each batch, or split one batch "
+                               "into physical batches with dpdm_fast.BatchMemoryManager")
+        clipped, size = collector.num_examples, drawn[0]
+        if clipped != size:
+            hint = ""
+            if size and clipped > size and clipped % size == 0:
+                hint = (f" ({clipped // size} x the batch: a loss over K={clipped // size} rows per example needs "
+                        f"make_private(noise_multiplicity={clipped // size}) (it is {collector.K}), or the batch "
+                        "went through backward more than once)")
+            raise RuntimeError(f"this step clipped {clipped} examples but its Poisson batch has {size}{hint}: every "
+                               "example of the batch must be clipped exactly once per step (one backward per forward "
+                               "over the batch; physical batches via BatchMemoryManager); the step was refused and "
+                               "its gradients discarded")
 
     return check

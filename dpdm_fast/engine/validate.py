@@ -2,30 +2,58 @@
 from __future__ import annotations
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
+
+try:
+    from opacus.validators.errors import UnsupportedModuleError
+except ImportError:  # the gradient machinery also works without Opacus
+    class UnsupportedModuleError(ValueError):
+        pass
 
 
-def validate_module(module: nn.Module) -> None:
-    """Raise ValueError for cross-example layers and tied (shared) trainable parameters."""
+def _weight_hooks(module: nn.Module) -> list[str]:
+    """Old-style weight_norm / spectral_norm: forward pre-hooks that rebuild the weight from parameters."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return [type(h).__name__ for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
+
+
+def compatibility_errors(module: nn.Module) -> list[str]:
+    """Every reason the model cannot be trained with per-example clipping (empty: it can)."""
     try:
         from opacus.validators import ModuleValidator
     except ImportError:  # without Opacus: refuse the cross-example layers we know of
-        errors = [f"{name}: {type(m).__name__}" for name, m in module.named_modules()
+        errors = [f"{name}: {type(m).__name__} mixes examples" for name, m in module.named_modules()
                   if isinstance(m, nn.modules.batchnorm._BatchNorm)
                   or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)]
     else:
-        errors = ModuleValidator.validate(module, strict=False)
-    if errors:
-        lines = "\n  ".join(str(e) for e in errors)
-        raise ValueError("the model mixes information across examples, so per-example gradients are not "
-                         f"defined (fix: replace BatchNorm by GroupNorm, e.g. opacus.validators."
-                         f"ModuleValidator.fix(model)):\n  {lines}")
-    owners: dict[int, str] = {}
+        errors = [str(e) for e in ModuleValidator.validate(module, strict=False)]
+    for name, sub in module.named_modules():
+        if parametrize.is_parametrized(sub) or _weight_hooks(sub):
+            errors.append(f"{name or '<root>'}: {type(sub).__name__} has a parametrization / weight_norm / "
+                          "spectral_norm, whose weight is computed from other parameters outside the layer's "
+                          "forward; remove it (torch.nn.utils.parametrize.remove_parametrizations(..., "
+                          "leave_parametrized=True)) or write the reparametrisation inside a module's forward")
+    # Tied weights: one parameter owned by two different modules (one module registered under two
+    # names, as Opacus's DPRNN does, is one owner and is fine).
+    owners: dict[int, tuple] = {}
     for name, sub in module.named_modules(remove_duplicate=False):
         for pname, p in sub.named_parameters(recurse=False, remove_duplicate=False):
             if not p.requires_grad:
                 continue
             full = f"{name}.{pname}" if name else pname
-            if id(p) in owners and owners[id(p)] != full:
-                raise ValueError(f"parameter {full!r} is the same tensor as {owners[id(p)]!r} (tied weights): "
-                                 "a parameter used twice in one forward is not supported; untie them")
-            owners[id(p)] = full
+            if id(p) in owners and owners[id(p)][0] is not sub:
+                errors.append(f"parameter {full!r} is the same tensor as {owners[id(p)][1]!r} (tied weights): "
+                              "a parameter used twice in one forward is not supported; untie them")
+            owners.setdefault(id(p), (sub, full))
+    return errors
+
+
+def validate_module(module: nn.Module) -> None:
+    """Raise ``UnsupportedModuleError`` (Opacus's type, a ValueError) listing every incompatibility."""
+    errors = compatibility_errors(module)
+    if errors:
+        lines = "\n  ".join(errors)
+        raise UnsupportedModuleError("the model cannot be trained with per-example clipping (for BatchNorm and other "
+                                     "cross-example layers: replace them by GroupNorm, e.g. PrivacyEngine."
+                                     f"get_compatible_module(model)):\n  {lines}")

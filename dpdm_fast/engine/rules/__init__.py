@@ -6,34 +6,67 @@ returns, for each trainable parameter, the tensor (B, *param.shape) whose b-th e
 sum over the K rows of example b of that row's gradient contribution. The sum over K happens
 inside the GEMM/convolution: the B*K per-row gradients are never materialised.
 
-Rules are registered per module type with ``@register_rule(nn.Conv2d)``, one file per layer,
-like Opacus's ``grad_sample/``.
+Rules are registered per module type with ``@register_rule(nn.Conv2d, ...)``, one file per layer,
+like Opacus's ``grad_sample/``. A rule is only correct for the computation it was written for, so
+``find_rule`` gives it to a subclass only when the subclass keeps the methods that define that
+computation (``forward``, and e.g. ``_conv_forward``) and has no parameters the rule does not know.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence
 
 import torch
 import torch.nn as nn
 
 Rule = Callable[[nn.Module, tuple, torch.Tensor, int], Dict[str, torch.Tensor]]
-RULES: Dict[type, Rule] = {}
 
 
-def register_rule(*module_types: type) -> Callable[[Rule], Rule]:
-    """Register ``fn(module, inputs, grad_output, K) -> {param_name: (B, *shape)}``."""
+@dataclass(frozen=True)
+class RuleSpec:
+    rule: Rule
+    cls: type                                   # the class the rule was written for
+    params: frozenset                           # parameter names the rule computes
+    methods: tuple                              # methods whose override invalidates the rule
+    check: Callable[[nn.Module], None] | None   # raises NotImplementedError for unsupported options
+    input_ndim: Callable[[int], bool]           # accepted rank of the (batched) input
+
+
+RULES: Dict[type, RuleSpec] = {}
+
+
+def register_rule(*module_types: type, params: Sequence[str] = ("weight", "bias"),
+                  methods: Sequence[str] = ("forward",), check: Callable[[nn.Module], None] | None = None,
+                  input_ndim: Callable[[int], bool] = lambda d: d >= 2) -> Callable[[Rule], Rule]:
+    """Register ``fn(module, inputs, grad_output, K) -> {param_name: (B, *shape)}`` for these types.
+
+    ``params``: the parameter names the rule computes; ``methods``: methods of the class whose
+    override by a subclass means the rule no longer describes the computation; ``check(module)``:
+    raise ``NotImplementedError`` at wrap time for layer options the rule does not support;
+    ``input_ndim``: which ranks of the first input are batched inputs (rows on dim 0).
+    """
     def wrap(fn: Rule) -> Rule:
         for t in module_types:
-            RULES[t] = fn
+            RULES[t] = RuleSpec(fn, t, frozenset(params), tuple(methods), check, input_ndim)
         return fn
     return wrap
 
 
-def find_rule(module: nn.Module) -> Rule | None:
-    """The rule of the module's exact type, else of its nearest registered base class."""
+def find_rule(module: nn.Module) -> RuleSpec | None:
+    """The rule of the module's nearest registered class, if it applies to this module.
+
+    None (-> the torch.func fallback) when a subclass overrides a method the rule depends on
+    (a weight-standardised conv, a scaled linear) or has parameters the rule does not compute.
+    """
     for cls in type(module).__mro__:
         if cls in RULES:
-            return RULES[cls]
+            spec = RULES[cls]
+            if any(getattr(type(module), m, None) is not getattr(cls, m, None) for m in spec.methods):
+                return None
+            own = {n for n, _ in module.named_parameters(recurse=False)}
+            if not own <= spec.params:
+                return None
+            return spec
     return None
 
 

@@ -11,7 +11,15 @@ from . import groups, register_rule
 LOOP_MIN_PIXELS = 256
 
 
-@register_rule(nn.Conv2d)
+def _check_conv(module: nn.Conv2d) -> None:
+    if module.padding_mode != "zeros":
+        raise NotImplementedError(f"Conv2d with padding_mode={module.padding_mode!r} has no per-group rule "
+                                  "(only 'zeros'); pad the input explicitly with F.pad instead")
+    if isinstance(module.padding, str):
+        _explicit_padding(module)
+
+
+@register_rule(nn.Conv2d, methods=("forward", "_conv_forward"), check=_check_conv, input_ndim=lambda d: d == 4)
 def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> dict:
     """Per-group weight gradients with the sum over K inside the convolution kernel.
 
@@ -19,8 +27,6 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> di
     as convolution groups: channels (K, B*C, H, W)), or, on CPU for large maps, one ordinary weight
     gradient per group over its K contiguous rows. Neither materialises per-row gradients.
     """
-    if module.padding_mode != "zeros":
-        raise NotImplementedError(f"Conv2d with padding_mode={module.padding_mode!r} has no per-group rule")
     x = inputs[0]
     B = x.shape[0] // K
     out = {}

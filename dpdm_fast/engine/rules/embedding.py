@@ -6,13 +6,20 @@ import torch.nn as nn
 from . import groups, register_rule
 
 
-@register_rule(nn.Embedding)
+def _check_embedding(module: nn.Embedding) -> None:
+    if module.max_norm is not None:
+        raise NotImplementedError("Embedding(max_norm=...) renormalises its weight in place during forward; "
+                                  "per-example gradients of it are not supported: drop max_norm")
+    if module.scale_grad_by_freq:
+        raise NotImplementedError("Embedding(scale_grad_by_freq=True) scales gradients by word counts over the "
+                                  "whole batch, which mixes examples: use scale_grad_by_freq=False")
+
+
+@register_rule(nn.Embedding, params=("weight",), check=_check_embedding, input_ndim=lambda d: d >= 1)
 def embedding_rule(module: nn.Embedding, inputs: tuple, g: torch.Tensor, K: int) -> dict:
     """Scatter-add each row's output gradient into its group's copy of the looked-up table row."""
     if not module.weight.requires_grad:
         return {}
-    if module.max_norm is not None:
-        raise NotImplementedError("Embedding with max_norm renormalises its weight in place; no per-group rule")
     idx = inputs[0]
     B = idx.shape[0] // K
     V, D = module.weight.shape

@@ -6,7 +6,7 @@ from ...models.layers import NIN
 from . import groups, register_rule
 
 
-@register_rule(NIN)
+@register_rule(NIN, params=("W", "b"), input_ndim=lambda d: d >= 3)
 def nin_rule(module: NIN, inputs: tuple, g: torch.Tensor, K: int) -> dict:
     """y = x^T W + b over channels at each pixel: W grad of a group sums x g^T over its K rows and pixels."""
     x = inputs[0]

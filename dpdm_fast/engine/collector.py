@@ -1,0 +1,140 @@
+"""The running sum of clipped per-example gradients, fed by the per-group rules during backward.
+
+One ``GroupGradientCollector`` holds every DP setting that the clipping uses (K, the clip norm,
+the loss reduction); the optimizer reads them from here, so the noise and the clipping can never
+disagree.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .backends import get_backend
+from .layout import FlatLayout
+
+
+class GroupGradientCollector:
+    """Turns per-group gradients into a running sum of clipped per-example gradients."""
+
+    def __init__(self, layout: FlatLayout, noise_multiplicity: int, max_grad_norm: float,
+                 loss_reduction: str, backend: str = "auto"):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if noise_multiplicity < 1:
+            raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
+        self.layout, self.K, self.loss_reduction = layout, int(noise_multiplicity), loss_reduction
+        self.backward_calls = 0
+        self._max_grad_norm = 1.0
+        self.max_grad_norm = max_grad_norm
+        device = layout.params[0].device if layout.params else torch.device("cpu")
+        self.backend = get_backend(backend, device)
+        self.clipped_sum = torch.zeros(layout.size, dtype=torch.float32, device=device)
+        self.num_examples = 0          # examples folded into clipped_sum since the last reset
+        self.backward_calls = 0        # backward passes folded in since the last reset
+        self.backwards_since_step = 0  # backward passes since the optimizer's last step() call
+        self.last_norms: torch.Tensor | None = None  # per-example norms of the last backward
+        # ids of the trainable parameters of the current step (the user may freeze some between steps)
+        self.active: frozenset = frozenset(id(p) for p in layout.params)
+        self.closed = False
+        self._storage: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None
+        self._task = -1
+        self._written: set[int] = set()
+        self._rows = 0
+
+    @property
+    def max_grad_norm(self) -> float:
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        value = float(value)
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {value}")
+        if value != self._max_grad_norm and self.holds_examples:
+            raise RuntimeError("max_grad_norm changed while clipped gradients of this step are accumulated "
+                               "(between physical batches or backward passes of one step): change it only "
+                               "after optimizer.step(), so every example of a step is clipped to the same norm")
+        self._max_grad_norm = value
+
+    @property
+    def holds_examples(self) -> bool:
+        return self.backward_calls > 0
+
+    def set_active(self, active: frozenset, names: dict) -> None:
+        """The trainable parameters of the next forward; they must not change within one step."""
+        if active != self.active and self.holds_examples:
+            changed = sorted(names[i] for i in active ^ self.active)
+            raise RuntimeError(f"requires_grad of {changed[:5]} changed in the middle of a step (after a backward "
+                               "whose clipped gradients are not yet applied): freeze or unfreeze parameters only "
+                               "between optimizer.step() calls")
+        self.active = active
+
+    # -- during backward -------------------------------------------------------------------
+    def buffer_for(self, rows: int, device: torch.device) -> torch.Tensor:
+        task = torch._C._current_graph_task_id()
+        if self._buffer is not None and task != self._task:
+            self.abort()  # a previous backward died half-way: its partial buffer must not leak into this one
+        if self._buffer is None:
+            if self.closed:
+                raise RuntimeError("this private module was replaced by a later make_private call: train the "
+                                   "module (and optimizer) that call returned")
+            if rows % self.K:
+                raise ValueError(f"the loss covers {rows} rows, not a multiple of noise_multiplicity "
+                                 f"K={self.K}: each example must contribute exactly K consecutive rows")
+            B = rows // self.K
+            if self.clipped_sum.device != device:
+                raise RuntimeError(f"the model runs on {device} but the engine was set up on {self.clipped_sum.device}: "
+                                   "move the model to its device before make_private (as with Opacus)")
+            if self._storage is None or self._storage.shape[0] < B or self._storage.device != device:
+                self._storage = torch.empty(B, self.layout.size, dtype=torch.float32, device=device)
+            self._buffer, self._rows, self._task = self._storage[:B], rows, task
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        elif rows != self._rows:
+            raise RuntimeError(f"one backward pass saw layers with {self._rows} and {rows} rows: "
+                               "call backward once per forward of the private module")
+        return self._buffer
+
+    def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
+        expected = (self._buffer.shape[0], *param.shape)
+        if tuple(per_group.shape) != expected:
+            raise RuntimeError(f"the per-group gradient of {name} has shape {tuple(per_group.shape)}, expected "
+                               f"{expected} (examples, *parameter shape): the rule is wrong for this call")
+        if id(param) in self._written:
+            raise RuntimeError(f"parameter {name} received two per-group gradients in one backward pass: it "
+                               "is used twice (tied weights, a module called twice, or two forward "
+                               "passes in one loss), which per-example clipping does not support")
+        self._written.add(id(param))
+        self.layout.view(self._buffer, param).copy_(per_group)
+
+    def _end_of_backward(self) -> None:
+        buffer, self._buffer = self._buffer, None
+        written, self._written = self._written, set()
+        if buffer is None:
+            return
+        for p in self.layout.params:  # parameters this loss did not touch (or frozen ones) have zero gradient
+            if id(p) not in written:
+                self.layout.view(buffer, p).zero_()
+        B = buffer.shape[0]
+        # Opacus's per-row scaling (rows for 'mean'), then the average over K rows.
+        scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
+        norms = self.backend.norms(buffer) * scale
+        if not torch.isfinite(norms).all():
+            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
+                                     "batch (NaN/Inf in the loss or the model); refusing to clip them")
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        self.backend.weighted_sum(buffer, factors * scale, self.clipped_sum)
+        self.last_norms = norms
+        self.num_examples += B
+        self.backward_calls += 1
+        self.backwards_since_step += 1
+
+    def abort(self) -> None:
+        """Forget a backward pass that failed half-way (its clipped contributions were never added)."""
+        self._buffer, self._written = None, set()
+
+    def reset(self) -> None:
+        self.clipped_sum.zero_()
+        self.num_examples = 0
+        self.backward_calls = 0
