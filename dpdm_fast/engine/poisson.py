@@ -31,12 +31,17 @@ class PoissonBatchSampler(Sampler[List[int]]):
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-        self.num_samples, self.sample_rate, self.steps = num_samples, sample_rate, steps
+        self.num_samples, self._sample_rate, self.steps = num_samples, float(sample_rate), steps
         self.secure_mode = secure_mode
         if secure_mode and generator is None:
             generator = torch.Generator()
         self.generator = generator
         self.sink: deque | None = None   # where the next iteration reports its batch sizes
+
+    @property
+    def sample_rate(self) -> float:
+        """Read-only: the accountant was given this rate when the loader was made."""
+        return self._sample_rate
 
     def __len__(self) -> int:
         return self.steps
@@ -60,7 +65,7 @@ class PoissonDataLoader(DPDataLoader):
     def __init__(self, dataset, *, sample_rate: float, steps: int, collate_fn=None, generator=None,
                  secure_mode: bool = False, rand_on_empty: bool = False, **kwargs):
         # DPDataLoader.__init__ would build Opacus's sampler; ours records sizes and re-seeds in secure mode.
-        self.sample_rate, self.distributed = sample_rate, False
+        self.distributed = False
         self.drawn: list[int] = []
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)
         first = dataset[0]
@@ -81,6 +86,10 @@ class PoissonDataLoader(DPDataLoader):
         """Sizes of the batches yielded since the last call (the optimizer calls it once per step)."""
         drawn, self.drawn = self.drawn, []
         return drawn
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_sampler.sample_rate
 
     @property
     def batches_drawn(self) -> int:
