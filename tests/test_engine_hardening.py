@@ -78,6 +78,12 @@ def loader_engine(model, K=1, C=1.0, sigma=0.0, n=24, batch=6, **kw):
     return engine, pm, opt, loader
 
 
+def grouped(data, K):
+    """A dataset of examples, each holding its K rows (the loss flattens them back, group-major)."""
+    x, t = data
+    return TensorDataset(x.reshape(-1, K, *x.shape[1:]), t.reshape(-1, K))
+
+
 def expand(x, t, K):
     return x.repeat_interleave(K, 0) + 0.1 * torch.arange(K * len(x)).reshape(-1, 1, 1, 1).float().sin(), \
         t.repeat_interleave(K)
@@ -91,11 +97,12 @@ def test_make_private_again_rebuilds_with_the_new_clip_norm_and_k():
     _, pm, opt, _ = loader_engine(model, K=1, C=1.0)
     engine = PrivacyEngine(accountant="rdp")
     pm2, opt2, loader2 = engine.make_private(module=pm, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                             data_loader=DataLoader(TensorDataset(*data), batch_size=3),
+                                             data_loader=DataLoader(grouped(data, K), batch_size=3),
                                              noise_multiplier=0.0, max_grad_norm=C, noise_multiplicity=K,
                                              poisson_sampling=False)
     assert pm2.noise_multiplicity == K and opt2.max_grad_norm == C
-    row_losses(pm2, *data).mean().backward()
+    for x, t in loader2:      # 3 examples, 6 rows
+        row_losses(pm2, x.flatten(0, 1), t.flatten()).mean().backward()
     opt2.step()
     assert rel(flat(model), reference(Net, K, C, 3, data)) < 1e-5
     with pytest.raises(RuntimeError, match="make_private"):
@@ -196,7 +203,7 @@ def test_two_backward_passes_over_one_batch_are_refused_and_the_next_step_is_acc
     x, t = next(it)
     row_losses(pm, x, t).mean().backward()
     row_losses(pm, x, t).mean().backward()
-    with pytest.raises(RuntimeError, match="clipped .* examples but its Poisson batch has"):
+    with pytest.raises(RuntimeError, match="clipped .* examples but its batch has"):
         opt.step()
     assert engine.steps == 0 and pm.collector.num_examples == 0   # refused step released nothing
     opt.zero_grad()
@@ -605,12 +612,13 @@ def test_wrap_model_false_returns_the_model_itself():
     model = fresh(Net)
     engine = PrivacyEngine()
     with pytest.warns(UserWarning):
-        same, opt, _ = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                           data_loader=DataLoader(TensorDataset(*data), batch_size=3),
-                                           noise_multiplier=0.0, max_grad_norm=C, noise_multiplicity=K,
-                                           wrap_model=False, poisson_sampling=False)
+        same, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                                data_loader=DataLoader(grouped(data, K), batch_size=3),
+                                                noise_multiplier=0.0, max_grad_norm=C, noise_multiplicity=K,
+                                                wrap_model=False, poisson_sampling=False)
     assert same is model
-    row_losses(model, *data).mean().backward()
+    for x, t in loader:
+        row_losses(model, x.flatten(0, 1), t.flatten()).mean().backward()
     opt.step()
     assert rel(flat(model), reference(Net, K, C, 3, data)) < 1e-5
 
@@ -632,3 +640,158 @@ def test_module_registered_under_two_names_but_used_once_is_not_tied():
     opt.step()
     assert rel(torch.cat([model.lin.weight.grad.reshape(-1), model.lin.bias.grad]),
                reference(TwoNames, 2, 0.1, 2, (x, t), loss)) < 1e-5
+
+
+# -- found by adversarial review ------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer", ["frozen_bn", "bn_no_affine", "instance_norm_running"])
+def test_cross_example_layers_are_refused_even_without_trainable_parameters(layer):
+    norm = {"frozen_bn": lambda: nn.BatchNorm1d(3).requires_grad_(False),
+            "bn_no_affine": lambda: nn.BatchNorm1d(3, affine=False),
+            "instance_norm_running": lambda: nn.InstanceNorm1d(3, track_running_stats=True)}[layer]()
+    model = nn.Sequential(nn.Linear(3, 3), norm)
+    assert not PrivacyEngine().is_compatible(module=model)
+    with pytest.raises(UnsupportedModuleError, match="mixes examples"):
+        PrivateModule(model)
+
+
+def test_tensors_nested_in_arguments_are_refused():
+    class Film(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x, scales):
+            return x * self.w * scales[0]
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.film = Film()
+
+        def forward(self, x):
+            return self.film(x, (x[:, :1],)).sum(-1)
+    with pytest.warns(UserWarning, match="torch.func"):
+        pm, opt = zero_noise_engine(Outer(), 1, 1.0, 2)
+    with pytest.raises(NotImplementedError, match=r"tensors inside \['tuple'\]"):
+        pm(torch.randn(2, 3))
+
+
+def test_layer_rows_must_be_the_models_rows():
+    class Flattening(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x):                     # (N, T, D) -> (N*T, D): rows are no longer examples
+            return self.lin(x.reshape(-1, 4)).reshape(x.shape[0], -1).sum(-1)
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(4, 3)
+
+        def forward(self, x):                     # T == N here: only the row check catches it
+            return (x + self.pos(torch.arange(x.shape[1]))[None]).sum(dim=(1, 2))
+    pm, _ = zero_noise_engine(Flattening(), 1, 1.0, 2)
+    with pytest.raises(ValueError, match="returned 6 rows, but the private module was called with 2"):
+        pm(torch.randn(2, 3, 4))
+    pm, _ = zero_noise_engine(Positions(), 1, 1.0, 2)
+    with pytest.raises(ValueError, match="returned 4 rows, but the private module was called with 2"):
+        pm(torch.randn(2, 4, 3))
+
+
+def test_model_changed_after_wrapping_is_refused():
+    model = fresh(Net)
+    pm, opt = zero_noise_engine(model, 1, 1.0, 2)
+    model.norm = nn.GroupNorm(1, 4)
+    with pytest.raises(RuntimeError, match="modules changed after make_private"):
+        pm(rows(2, 1)[0])
+
+
+def test_layer_options_changed_after_wrapping_are_refused():
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3)
+
+        def forward(self, idx):
+            return self.emb(idx).sum(-1)
+    model = Tokens()
+    pm, opt = zero_noise_engine(model, 1, 1.0, 2)
+    model.emb.max_norm = 1.0
+    with pytest.raises(NotImplementedError, match="max_norm"):
+        pm(torch.tensor([3, 7]))
+    model.emb.max_norm = None
+    model.emb.forward = lambda idx: F.embedding(idx, 2 * model.emb.weight)
+    with pytest.raises(NotImplementedError, match="replaced on the instance"):
+        pm(torch.tensor([3, 7]))
+
+
+def test_buffers_updated_from_the_batch_are_refused():
+    class RunningMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("mean", torch.zeros(2))
+
+        def forward(self, x):
+            self.mean.mul_(0.9).add_(0.1 * x.detach().mean(0))
+            return self.lin(x).sum(-1)
+    pm, opt = zero_noise_engine(RunningMean(), 1, 1.0, 2)
+    with pytest.raises(RuntimeError, match=r"buffers \['mean'\] were modified"):
+        pm(torch.randn(2, 2))
+
+
+def test_global_forward_hooks_are_refused():
+    from torch.nn.modules.module import register_module_forward_hook
+    pm, opt = zero_noise_engine(fresh(Net), 1, 1.0, 2)
+    handle = register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.raises(RuntimeError, match="global module forward hooks"):
+            pm(rows(2, 1)[0])
+    finally:
+        handle.remove()
+
+
+def test_secure_mode_refuses_a_non_secure_poisson_loader():
+    from dpdm_fast.engine.poisson import make_poisson_loader
+    prebuilt = make_poisson_loader(DataLoader(_indexed(20), batch_size=4))
+    model = fresh(Net)
+    with pytest.raises(ValueError, match="secure_mode"):
+        PrivacyEngine(secure_mode=True).make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                     data_loader=prebuilt, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("sampler", ["duplicates", "other_source"])
+def test_samplers_over_other_examples_are_refused(sampler):
+    from torch.utils.data import SequentialSampler
+    s = SubsetRandomSampler([0, 0, 0, 1]) if sampler == "duplicates" else SequentialSampler(range(2))
+    model = fresh(Net)
+    with pytest.raises(ValueError, match="repeats indices" if sampler == "duplicates" else "does not visit"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=DataLoader(_indexed(4), batch_size=2, sampler=s),
+                                     noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_without_poisson_each_example_is_still_clipped_once_per_batch():
+    model = fresh(Net)
+    engine = PrivacyEngine(accountant="rdp")
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        pm, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                              data_loader=DataLoader(_indexed(6), batch_size=3),
+                                              noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    x, t = next(iter(loader))
+    row_losses(pm, x, t).mean().backward()
+    row_losses(pm, x, t).mean().backward()     # the same batch twice is not two accumulated batches
+    with pytest.raises(RuntimeError, match="clipped 6 examples but its batch has 3"):
+        opt.step()
+    assert engine.steps == 0
+
+
+def test_rand_on_empty_is_refused():
+    model = fresh(Net)
+    with pytest.raises(NotImplementedError, match="rand_on_empty"):
+        PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=DataLoader(_indexed(4), batch_size=2), noise_multiplier=1.0,
+                                     max_grad_norm=1.0, rand_on_empty=True)

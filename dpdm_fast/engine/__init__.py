@@ -9,9 +9,10 @@ from .optimizer import DPOptimizer
 from .collector import GroupGradientCollector
 from .private_module import PrivateModule
 from .rules import RULES, find_rule, register_rule
+from .validate import UnsupportedModuleError
 
 __all__ = ["PrivacyEngine", "PrivateModule", "DPOptimizer", "BatchMemoryManager", "PoissonDataLoader",
-           "GroupGradientCollector", "register_rule", "find_rule", "RULES", "get_backend"]
+           "GroupGradientCollector", "UnsupportedModuleError", "register_rule", "find_rule", "RULES", "get_backend"]
 
 
 def __getattr__(name: str):

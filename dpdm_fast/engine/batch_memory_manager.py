@@ -14,7 +14,7 @@ from typing import Iterator, List
 import numpy as np
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from .poisson import PoissonBatchSampler, PoissonDataLoader
+from .poisson import PoissonBatchSampler
 
 
 class BatchSplittingSampler(Sampler[List[int]]):
@@ -63,8 +63,8 @@ class _PhysicalBatches(DataLoader):
         self.batch_sampler.sink = info
         for batch in super().__iter__():
             logical, first, last = info.popleft()
-            if first and isinstance(self.source, PoissonDataLoader):
-                self.source.drawn.append(logical)   # one Poisson batch, consumed over its physical batches
+            if first and hasattr(self.source, "drawn"):
+                self.source.drawn.append(logical)   # one logical batch, consumed over its physical batches
             self.optimizer.signal_skip_step(not last)
             yield batch
 

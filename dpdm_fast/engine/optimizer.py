@@ -67,6 +67,10 @@ class DPOptimizer(Optimizer):
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self.before_noise: list[Callable[[torch.Tensor], None]] = []
         self.before_step_checks: list[Callable[[], None]] = []
+        # The loader make_private returned (its ledger of batch sizes), and whether each step must be
+        # exactly one of its batches (Poisson) or may accumulate several (Opacus's rule otherwise).
+        self.ledger = None
+        self.one_batch_per_step = True
         self.accumulated_iterations = 1
         self._skip_next = False
         self._last_step_skipped = False
@@ -169,13 +173,14 @@ class DPOptimizer(Optimizer):
             return False
         self._last_step_skipped = False
         try:
+            batches = self._check_batches() if self.ledger is not None else max(1, accumulated)
             for check in self.before_step_checks:
                 check()
             self._check_no_ordinary_gradients()
         except BaseException:
             self._discard()
             raise
-        self.accumulated_iterations = max(1, accumulated)
+        self.accumulated_iterations = batches
         total = collector.clipped_sum
         for hook in self.before_noise:
             hook(total)
@@ -195,6 +200,31 @@ class DPOptimizer(Optimizer):
             hook(self)
         self._steps_taken += 1
         return True
+
+    def _check_batches(self) -> int:
+        """Each step folds in exactly the examples of the batches drawn for it, each clipped once.
+        Returns how many batches the step accumulated (1 under Poisson sampling)."""
+        drawn = self.ledger.take_drawn()
+        if not drawn:
+            raise RuntimeError("optimizer.step() without a new batch from the data loader returned by make_private: "
+                               "the accountant counts the batches of that loader (iterate it, not the original one)")
+        if self.one_batch_per_step and len(drawn) > 1:
+            raise RuntimeError(f"{len(drawn)} Poisson batches were drawn for one optimizer step: the accountant counts "
+                               "one batch per step, and every batch drawn must be stepped (also an empty one: "
+                               "skipping it changes the mechanism); step after each batch, or split one batch "
+                               "into physical batches with dpdm_fast.BatchMemoryManager")
+        clipped, size, K = self.collector.num_examples, sum(drawn), self.collector.K
+        if clipped != size:
+            hint = ""
+            if size and clipped > size and clipped % size == 0:
+                hint = (f" ({clipped // size} x the batch: a loss over {clipped // size} rows per example needs "
+                        f"make_private(noise_multiplicity={clipped // size}) (it is {K}), or the batch went "
+                        "through backward more than once)")
+            raise RuntimeError(f"this step clipped {clipped} examples but its batch has {size}{hint}: every example "
+                               "of the batch must be clipped exactly once per step, and the rows of every layer "
+                               "must be the batch's rows (one backward per forward over the batch; physical batches "
+                               "via BatchMemoryManager); the step was refused and its gradients discarded")
+        return len(drawn)
 
     def _check_no_ordinary_gradients(self) -> None:
         ours = self.collector.layout.slots

@@ -58,22 +58,14 @@ class PoissonBatchSampler(Sampler[List[int]]):
             yield indices
 
 
-class PoissonDataLoader(DPDataLoader):
-    """A Poisson-sampled loader (an Opacus ``DPDataLoader``, empty batches included) that records
-    the size of every batch it yields in ``drawn`` for the optimizer's per-step check."""
+class _Ledger:
+    """Loader mixin: records the size of every batch it yields (``drawn``), for the optimizer's per-step check.
 
-    def __init__(self, dataset, *, sample_rate: float, steps: int, collate_fn=None, generator=None,
-                 secure_mode: bool = False, rand_on_empty: bool = False, **kwargs):
-        # DPDataLoader.__init__ would build Opacus's sampler; ours records sizes and re-seeds in secure mode.
-        self.distributed = False
-        self.drawn: list[int] = []
-        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)
-        first = dataset[0]
-        first = first if isinstance(first, (tuple, list)) else (first,)
-        collate = wrap_collate_with_empty(collate_fn=collate_fn or default_collate, rand_on_empty=rand_on_empty,
-                                          sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
-                                          dtypes=[getattr(x, "dtype", type(x)) for x in first])
-        DataLoader.__init__(self, dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
+    Sizes come from the batch sampler as it hands out indices, and are matched to batches as the
+    loader yields them (in order), so worker processes prefetching ahead do not shift them.
+    """
+
+    drawn: list
 
     def __iter__(self) -> Iterator:
         sizes = deque()
@@ -88,57 +80,128 @@ class PoissonDataLoader(DPDataLoader):
         return drawn
 
     @property
-    def sample_rate(self) -> float:
-        return self.batch_sampler.sample_rate
-
-    @property
     def batches_drawn(self) -> int:
         return len(self.drawn)
 
 
-def _base_dataset(data_loader: DataLoader):
-    """The dataset the loader actually samples from: refuse samplers Poisson sampling cannot honour."""
-    dataset = data_loader.dataset
-    batch_sampler = data_loader.batch_sampler
-    if batch_sampler is None or type(batch_sampler) is not BatchSampler:
-        raise ValueError(f"the data loader uses a custom batch_sampler ({type(batch_sampler).__name__}): Poisson "
-                         "sampling replaces it, so whatever it selects would be lost; pass a DataLoader with "
-                         "batch_size=... over exactly the examples to train on (torch.utils.data.Subset for a split)")
-    sampler = batch_sampler.sampler
-    if type(sampler) is SubsetRandomSampler:
-        warnings.warn(f"the data loader's SubsetRandomSampler selects {len(sampler.indices)} of {len(dataset)} "
-                      "examples: Poisson sampling is done over that subset (the guarantee is for it)", stacklevel=3)
-        return Subset(dataset, list(sampler.indices))
-    if type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
-                                              and sampler._num_samples is None):
-        return dataset
-    raise ValueError(f"the data loader's sampler ({type(sampler).__name__}) does not visit each example of its dataset "
-                     "once per epoch, so Poisson sampling over the dataset would train on other examples than it "
-                     "selects: pass a DataLoader over torch.utils.data.Subset(dataset, indices) with shuffle=True")
+class PoissonDataLoader(_Ledger, DPDataLoader):
+    """A Poisson-sampled loader (an Opacus ``DPDataLoader``, empty batches included) with a ledger."""
+
+    def __init__(self, dataset, *, sample_rate: float, steps: int, collate_fn=None, generator=None,
+                 secure_mode: bool = False, **kwargs):
+        # DPDataLoader.__init__ would build Opacus's sampler; ours records sizes and re-seeds in secure mode.
+        self.distributed = False
+        self.drawn: list[int] = []
+        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)
+        first = dataset[0]
+        first = first if isinstance(first, (tuple, list)) else (first,)
+        collate = wrap_collate_with_empty(collate_fn=collate_fn or default_collate,
+                                          sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
+                                          dtypes=[getattr(x, "dtype", type(x)) for x in first])
+        DataLoader.__init__(self, dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_sampler.sample_rate
 
 
-def make_poisson_loader(data_loader: DataLoader, generator: torch.Generator | None = None,
-                        secure_mode: bool = False, rand_on_empty: bool = False) -> PoissonDataLoader:
-    """A Poisson loader over the same examples, with q = 1 / (batches per epoch of ``data_loader``)."""
-    if isinstance(data_loader, PoissonDataLoader):
-        return data_loader
-    if not isinstance(data_loader, DataLoader):
-        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+class _RecordingBatchSampler(Sampler[List[int]]):
+    """A plain loader's batch sampler, reporting each batch's size."""
+
+    def __init__(self, inner: BatchSampler):
+        self.inner, self.batch_size, self.sink = inner, inner.batch_size, None
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        sink, self.sink = self.sink, None
+        for indices in self.inner:
+            if sink is not None:
+                sink.append(len(indices))
+            yield indices
+
+
+class RecordingDataLoader(_Ledger, DataLoader):
+    """The loader ``make_private(poisson_sampling=False)`` returns: the same batches, with a ledger."""
+
+    def __init__(self, data_loader: DataLoader):
+        self.drawn: list[int] = []
+        DataLoader.__init__(self, _base_dataset(data_loader, poisson=False),
+                            batch_sampler=_RecordingBatchSampler(data_loader.batch_sampler),
+                            collate_fn=data_loader.collate_fn, **_loader_options(data_loader))
+
+
+def _loader_options(data_loader: DataLoader) -> dict:
+    kwargs = dict(num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
+                  timeout=data_loader.timeout, worker_init_fn=data_loader.worker_init_fn,
+                  multiprocessing_context=data_loader.multiprocessing_context,
+                  persistent_workers=data_loader.persistent_workers, generator=data_loader.generator)
+    if data_loader.num_workers > 0:
+        kwargs["prefetch_factor"] = data_loader.prefetch_factor
+    return kwargs
+
+
+def _base_dataset(data_loader: DataLoader, poisson: bool = True):
+    """The examples the loader actually visits: refuse samplers Poisson sampling (or the ledger) cannot honour."""
     if isinstance(data_loader.dataset, IterableDataset):
         raise ValueError("Poisson sampling needs a map-style dataset (random access by index); an "
                          "IterableDataset cannot be Poisson-sampled, and the accountant assumes it is")
+    dataset = data_loader.dataset
+    batch_sampler = data_loader.batch_sampler
+    if batch_sampler is None or type(batch_sampler) is not BatchSampler:
+        raise ValueError(f"the data loader uses a custom batch_sampler ({type(batch_sampler).__name__}): the engine "
+                         "cannot tell what it selects (Poisson sampling would replace it); pass a DataLoader with "
+                         "batch_size=... over exactly the examples to train on (torch.utils.data.Subset for a split)")
+    sampler = batch_sampler.sampler
+    if type(sampler) is SubsetRandomSampler:
+        indices = [int(i) for i in sampler.indices]
+        if len(set(indices)) != len(indices):
+            raise ValueError("the SubsetRandomSampler repeats indices: an example listed twice could join one batch "
+                             "twice (twice the sensitivity); pass each index once")
+        if poisson:
+            warnings.warn(f"the data loader's SubsetRandomSampler selects {len(indices)} of {len(dataset)} examples: "
+                          "Poisson sampling is done over that subset (the guarantee is for it)", stacklevel=4)
+            return Subset(dataset, indices)
+        return dataset
+    if (type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement
+                                               and sampler._num_samples is None)) \
+            and sampler.data_source is dataset:
+        return dataset
+    raise ValueError(f"the data loader's sampler ({type(sampler).__name__}) does not visit each example of the "
+                     "loader's dataset once per epoch, so Poisson sampling over the dataset would train on other "
+                     "examples than it selects: pass a DataLoader over torch.utils.data.Subset(dataset, indices) "
+                     "with shuffle=True")
+
+
+def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False) -> PoissonDataLoader:
+    """A Poisson loader over the same examples, with q = 1 / (batches per epoch of ``data_loader``)."""
+    if isinstance(data_loader, PoissonDataLoader):
+        if secure_mode and not data_loader.batch_sampler.secure_mode:
+            raise ValueError("secure_mode=True but the data loader is a Poisson loader made without it: pass the "
+                             "plain DataLoader, so its sampler is re-seeded from the OS every batch")
+        data_loader.take_drawn()   # batches drawn before this engine are not its business
+        return data_loader
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
     if isinstance(data_loader, DPDataLoader):
         raise ValueError("pass the plain DataLoader: it is converted to a Poisson loader here")
     dataset = _base_dataset(data_loader)
     steps = -(-len(dataset) // data_loader.batch_size)  # batches per epoch of the plain loader over these examples
     if steps == 0:
         raise ValueError("the data loader yields no batches (empty dataset?)")
-    kwargs = dict(num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
-                  timeout=data_loader.timeout, worker_init_fn=data_loader.worker_init_fn,
-                  multiprocessing_context=data_loader.multiprocessing_context,
-                  persistent_workers=data_loader.persistent_workers)
-    if data_loader.num_workers > 0:
-        kwargs["prefetch_factor"] = data_loader.prefetch_factor
+    kwargs = _loader_options(data_loader)
+    generator = None if secure_mode else kwargs.pop("generator")
+    kwargs.pop("generator", None)
     return PoissonDataLoader(dataset, sample_rate=1 / steps, steps=steps, collate_fn=data_loader.collate_fn,
-                             generator=generator if generator is not None else data_loader.generator,
-                             secure_mode=secure_mode, rand_on_empty=rand_on_empty, **kwargs)
+                             generator=generator, secure_mode=secure_mode, **kwargs)
+
+
+def make_recording_loader(data_loader: DataLoader) -> RecordingDataLoader:
+    """``poisson_sampling=False``: the same batches, with a ledger of their sizes."""
+    if isinstance(data_loader, RecordingDataLoader):
+        data_loader.take_drawn()
+        return data_loader
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch DataLoader, got {type(data_loader).__name__}")
+    return RecordingDataLoader(data_loader)

@@ -14,11 +14,10 @@ from opacus.validators import ModuleValidator
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .collector import GroupGradientCollector
 from .optimizer import DPOptimizer
-from .poisson import PoissonDataLoader, make_poisson_loader
+from .poisson import make_poisson_loader, make_recording_loader
 from .private_module import PrivateModule
-from .validate import UnsupportedModuleError, compatibility_errors, validate_module
+from .validate import compatibility_errors, validate_module
 
 
 class PrivacyEngine:
@@ -103,12 +102,16 @@ class PrivacyEngine:
         private = PrivateModule(module, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm,
                                 loss_reduction=loss_reduction, backend=backend, strict=strict,
                                 allow_direct_calls=not wrap_model)
+        if rand_on_empty:
+            raise NotImplementedError("rand_on_empty=True replaces an empty batch by a random example, which the "
+                                      "per-step batch check rightly refuses: empty batches are handled as they are")
         if poisson_sampling:
-            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, rand_on_empty=rand_on_empty)
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode)
             sample_rate = data_loader.sample_rate     # exactly the rate the sampler uses
         else:
             warnings.warn("poisson_sampling=False: the accountant's guarantee assumes Poisson sampling and "
                           "does not strictly hold for shuffled fixed-size batches", stacklevel=2)
+            data_loader = make_recording_loader(data_loader)
             sample_rate = 1 / len(data_loader)
         if self.dataset is not None and self.dataset is not data_loader.dataset:
             warnings.warn("PrivacyEngine got a new dataset: accounting is per dataset; use a new PrivacyEngine "
@@ -121,13 +124,10 @@ class PrivacyEngine:
         dp_optimizer = DPOptimizer(optimizer, private.collector, noise_multiplier=noise_multiplier,
                                    expected_batch_size=expected_batch_size, generator=noise_generator,
                                    secure_mode=self.secure_mode, scale_by_accumulated_iterations=not poisson_sampling)
-        if poisson_sampling:
-            dp_optimizer.before_step_checks.append(_one_poisson_batch_per_step(data_loader, private.collector))
-            hook = lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier,  # noqa: E731
-                                                    sample_rate=sample_rate)
-        else:  # Opacus's rule: k accumulated batches before one step are one step at rate k*q
-            hook = lambda opt: self.accountant.step(noise_multiplier=opt.noise_multiplier,  # noqa: E731
-                                                    sample_rate=min(1.0, sample_rate * opt.accumulated_iterations))
+        dp_optimizer.ledger, dp_optimizer.one_batch_per_step = data_loader, poisson_sampling
+        # k batches accumulated before one step (only without Poisson sampling) are one step at rate k*q (Opacus's rule)
+        hook = lambda opt: self.accountant.step(  # noqa: E731
+            noise_multiplier=opt.noise_multiplier, sample_rate=min(1.0, sample_rate * opt.accumulated_iterations))
         dp_optimizer.attach_step_hook(hook)
         self.module, self.optimizer, self.data_loader, self.sample_rate = private, dp_optimizer, data_loader, sample_rate
         return (private if wrap_model else module), dp_optimizer, data_loader
@@ -139,8 +139,7 @@ class PrivacyEngine:
         ``epochs`` epochs, found by Opacus's search for this engine's accountant at exactly the
         sample rate the returned loader uses."""
         if poisson_sampling:
-            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode,
-                                              rand_on_empty=kwargs.get("rand_on_empty", False))
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode)
             sample_rate = data_loader.sample_rate
         else:
             sample_rate = 1 / len(data_loader)
@@ -220,32 +219,3 @@ class PrivacyEngine:
                 warnings.warn(f"{key} has {len(state)} items but the {key.rsplit('_state', 1)[0]} is "
                               f"{'' if obj is not None else 'not '}provided", stacklevel=2)
         return checkpoint
-
-
-def _one_poisson_batch_per_step(loader: PoissonDataLoader, collector: GroupGradientCollector):
-    """Each step must fold in exactly the examples of one Poisson batch of the loader, each clipped once."""
-
-    def check() -> None:
-        drawn = loader.take_drawn()
-        if not drawn:
-            raise RuntimeError("optimizer.step() without a new batch from the Poisson data loader returned by "
-                               "make_private: the accountant assumes every step uses one Poisson-sampled batch "
-                               "(iterate that loader, or pass poisson_sampling=False and accept the caveat)")
-        if len(drawn) > 1:
-            raise RuntimeError(f"{len(drawn)} Poisson batches were drawn for one optimizer step: the accountant counts "
-                               "one batch per step, and every batch drawn must be stepped (also an empty one: "
-                               "skipping it changes the mechanism); step after each batch, or split one batch "
-                               "into physical batches with dpdm_fast.BatchMemoryManager")
-        clipped, size = collector.num_examples, drawn[0]
-        if clipped != size:
-            hint = ""
-            if size and clipped > size and clipped % size == 0:
-                hint = (f" ({clipped // size} x the batch: a loss over K={clipped // size} rows per example needs "
-                        f"make_private(noise_multiplicity={clipped // size}) (it is {collector.K}), or the batch "
-                        "went through backward more than once)")
-            raise RuntimeError(f"this step clipped {clipped} examples but its Poisson batch has {size}{hint}: every "
-                               "example of the batch must be clipped exactly once per step (one backward per forward "
-                               "over the batch; physical batches via BatchMemoryManager); the step was refused and "
-                               "its gradients discarded")
-
-    return check

@@ -20,14 +20,20 @@ def _weight_hooks(module: nn.Module) -> list[str]:
 
 def compatibility_errors(module: nn.Module) -> list[str]:
     """Every reason the model cannot be trained with per-example clipping (empty: it can)."""
+    # Cross-example layers, whether or not their parameters train (Opacus's validator only looks at
+    # trainable modules of exact types: a frozen or affine-free BatchNorm still mixes examples in
+    # its output and leaks them through its running statistics).
+    errors = [f"{name or '<root>'}: {type(m).__name__} mixes examples (batch statistics / running stats)"
+              for name, m in module.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)]
     try:
         from opacus.validators import ModuleValidator
-    except ImportError:  # without Opacus: refuse the cross-example layers we know of
-        errors = [f"{name}: {type(m).__name__} mixes examples" for name, m in module.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                  or (isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats)]
+    except ImportError:
+        pass
     else:
-        errors = [str(e) for e in ModuleValidator.validate(module, strict=False)]
+        errors += [str(e) for e in ModuleValidator.validate(module, strict=False)
+                   if not (errors and str(e).startswith("BatchNorm cannot"))]  # said above, with names
     for name, sub in module.named_modules():
         if parametrize.is_parametrized(sub) or _weight_hooks(sub):
             errors.append(f"{name or '<root>'}: {type(sub).__name__} has a parametrization / weight_norm / "

@@ -61,7 +61,8 @@ def find_rule(module: nn.Module) -> RuleSpec | None:
     for cls in type(module).__mro__:
         if cls in RULES:
             spec = RULES[cls]
-            if any(getattr(type(module), m, None) is not getattr(cls, m, None) for m in spec.methods):
+            if any(getattr(type(module), m, None) is not getattr(cls, m, None) or m in module.__dict__
+                   for m in spec.methods):
                 return None
             own = {n for n, _ in module.named_parameters(recurse=False)}
             if not own <= spec.params:
