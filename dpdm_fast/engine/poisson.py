@@ -87,9 +87,16 @@ class _Ledger:
 class PoissonDataLoader(_Ledger, DPDataLoader):
     """A Poisson-sampled loader (an Opacus ``DPDataLoader``, empty batches included) with a ledger."""
 
-    def __init__(self, dataset, *, sample_rate: float, steps: int, collate_fn=None, generator=None,
-                 secure_mode: bool = False, **kwargs):
+    def __init__(self, dataset, *, sample_rate: float, steps: int | None = None, collate_fn=None, generator=None,
+                 secure_mode: bool = False, drop_last: bool = False, **kwargs):
         # DPDataLoader.__init__ would build Opacus's sampler; ours records sizes and re-seeds in secure mode.
+        if drop_last:
+            warnings.warn("drop_last is ignored: a Poisson loader has no last partial batch", stacklevel=2)
+        if kwargs.pop("distributed", False):
+            raise NotImplementedError("distributed Poisson sampling is not implemented yet")
+        if kwargs.pop("rand_on_empty", False) or not kwargs.pop("batch_first", True):
+            raise NotImplementedError("rand_on_empty=True and batch_first=False are not supported")
+        steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.distributed = False
         self.drawn: list[int] = []
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)

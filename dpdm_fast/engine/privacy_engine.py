@@ -97,7 +97,8 @@ class PrivacyEngine:
             module = module.remove_hooks()   # rebuilt below with this call's settings
         model_params = {id(p) for p in module.parameters()}
         if any(id(p) not in model_params for g in optimizer.param_groups for p in g["params"]):
-            raise ValueError("module parameters are different from the optimizer's parameters")
+            raise ValueError("Module parameters are different than optimizer Parameters (the optimizer holds "
+                             "parameters that are not the module's)")
 
         private = PrivateModule(module, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm,
                                 loss_reduction=loss_reduction, backend=backend, strict=strict,
