@@ -25,12 +25,13 @@ class PoissonBatchSampler(Sampler[List[int]]):
     seed in code or config predicts which examples were sampled.
     """
 
-    def __init__(self, num_samples: int, sample_rate: float, steps: int, generator: torch.Generator | None = None,
-                 secure_mode: bool = False):
+    def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None,
+                 generator: torch.Generator | None = None, secure_mode: bool = False):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.num_samples, self._sample_rate, self.steps = num_samples, float(sample_rate), steps
         self.secure_mode = secure_mode
         if secure_mode and generator is None:
@@ -96,7 +97,6 @@ class PoissonDataLoader(_Ledger, DPDataLoader):
             raise NotImplementedError("distributed Poisson sampling is not implemented yet")
         if kwargs.pop("rand_on_empty", False) or not kwargs.pop("batch_first", True):
             raise NotImplementedError("rand_on_empty=True and batch_first=False are not supported")
-        steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.distributed = False
         self.drawn: list[int] = []
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)
