@@ -60,6 +60,6 @@ def validate_module(module: nn.Module) -> None:
     errors = compatibility_errors(module)
     if errors:
         lines = "\n  ".join(errors)
-        raise UnsupportedModuleError("the model cannot be trained with per-example clipping (for BatchNorm and other "
-                                     "cross-example layers: replace them by GroupNorm, e.g. PrivacyEngine."
-                                     f"get_compatible_module(model)):\n  {lines}")
+        fix = ("\n(cross-example layers: replace them by GroupNorm, e.g. PrivacyEngine.get_compatible_module(model))"
+               if any("mixes examples" in e or "BatchNorm" in e for e in errors) else "")
+        raise UnsupportedModuleError(f"the model cannot be trained with per-example clipping:\n  {lines}{fix}")
