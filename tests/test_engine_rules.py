@@ -123,11 +123,34 @@ def test_rows_not_multiple_of_K():
         find_rule(nn.Linear(2, 2)).rule(nn.Linear(2, 2), (torch.randn(4, 2),), torch.randn(4, 2), 3)
 
 
-@pytest.mark.parametrize("stride,dil,groups", [(1, 1, 1), (2, 1, 2), (1, 2, 1)])
-def test_conv2d_rule_large_maps_use_the_per_group_loop(stride, dil, groups):
-    from dpdm_fast.engine.rules import conv
+@pytest.mark.parametrize("path", ["grouped", "loop", "unfold"])
+@SETTINGS
+@given(B=st.integers(0, 3), K=st.integers(1, 3), cin=st.integers(1, 4), cout=st.integers(1, 4),
+       k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 2), dil=st.integers(1, 2),
+       size=st.integers(5, 17), groups=st.sampled_from([1, 2]))
+def test_every_conv2d_path_matches_the_loop(path, B, K, cin, cout, k, stride, pad, dil, size, groups):
+    from dpdm_fast.engine.autotune import force_path
+    if path == "unfold":
+        groups = 1  # the unfold path is only a candidate for ungrouped convolutions
     torch.manual_seed(0)
-    module = nn.Conv2d(4, 6, 3, stride=stride, padding=1, dilation=dil, groups=groups)
-    x = torch.randn(6, 4, 17, 16)
-    assert x.shape[2] * x.shape[3] >= conv.LOOP_MIN_PIXELS
-    check(module, x, 3)
+    module = nn.Conv2d(cin * groups, cout * groups, k, stride=stride, padding=pad, dilation=dil, groups=groups)
+    with force_path("conv2d", path):
+        check(module, torch.randn(B * K, cin * groups, size, size + 2), K)
+
+
+def test_autotuner_keeps_the_fastest_path_per_shape_bucket(monkeypatch):
+    from dpdm_fast.engine import autotune
+    autotune.clear_cache()
+    calls = []
+    slow = lambda name, cost: lambda: calls.append(name) or __import__("time").sleep(cost) or name  # noqa: E731
+    candidates = {"a": slow("a", 0.02), "b": slow("b", 0.0), "c": slow("c", 0.01)}
+    dev = torch.device("cpu")
+    assert autotune.run_fastest("r", ("k", autotune.batch_bucket(5)), candidates, dev) == "b"
+    assert sorted(calls) == ["a", "a", "b", "b", "c", "c"]       # each timed once after a warm-up
+    calls.clear()
+    assert autotune.run_fastest("r", ("k", autotune.batch_bucket(7)), candidates, dev) == "b"
+    assert calls == ["b"]                                         # 5 and 7 share the bucket 8: cached
+    assert autotune.chosen_paths()[("r", ("k", 8))] == "b"
+    with autotune.force_path("r", "c"):
+        assert autotune.run_fastest("r", ("k", 8), candidates, dev) == "c"
+    autotune.clear_cache()

@@ -1,14 +1,15 @@
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
+from ..autotune import batch_bucket, run_fastest
 from . import groups, register_rule
 
 
-# On CPU, for large feature maps, B convolution weight-gradients over each example's K contiguous rows
-# beat one grouped call (which needs two transposed copies of the activations); measured on 2 cores,
-# N=128 rows: 28x28x32ch 15 ms (loop) vs 27 ms (grouped) vs 32 ms (ordinary weight grad); at 7x7 the
-# grouped call wins (5.0 vs 5.9 ms). On GPUs one grouped call is always preferred (one launch).
-LOOP_MIN_PIXELS = 256
+# Memory cap for the unfold path's column buffer (rows x C*k*k x output pixels floats): it is a
+# candidate only where that fits, so autotuning never allocates a huge temporary.
+UNFOLD_MAX_BYTES = 256 * 2**20
 
 
 def _check_conv(module: nn.Conv2d) -> None:
@@ -21,11 +22,11 @@ def _check_conv(module: nn.Conv2d) -> None:
 
 @register_rule(nn.Conv2d, methods=("forward", "_conv_forward"), check=_check_conv, input_ndim=lambda d: d == 4)
 def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> dict:
-    """Per-group weight gradients with the sum over K inside the convolution kernel.
+    """Per-group weight gradients with the sum over K inside the convolution or GEMM.
 
-    Either ONE grouped-convolution weight gradient (the K rows of a group as the batch, the B groups
-    as convolution groups: channels (K, B*C, H, W)), or, on CPU for large maps, one ordinary weight
-    gradient per group over its K contiguous rows. Neither materialises per-row gradients.
+    Three exact paths, none materialising per-row gradients; the fastest for the shape is chosen by
+    a one-time measurement (``engine/autotune.py``): one grouped-convolution weight gradient,
+    a loop of ordinary weight gradients over each example's K rows, or unfold + one batched GEMM.
     """
     x = inputs[0]
     B = x.shape[0] // K
@@ -35,20 +36,15 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> di
         out["weight"] = x.new_zeros(0, *module.weight.shape)
     elif module.weight.requires_grad:
         padding = module.padding if not isinstance(module.padding, str) else _explicit_padding(module)
-        kw = dict(stride=module.stride, padding=padding, dilation=module.dilation)
-        C, O = x.shape[1], g.shape[1]
-        if x.device.type == "cpu" and x.shape[2] * x.shape[3] >= LOOP_MIN_PIXELS:
-            w = x.new_empty(B, *module.weight.shape, dtype=g.dtype)
-            for b in range(B):
-                w[b] = torch.nn.grad.conv2d_weight(x[b * K:(b + 1) * K], module.weight.shape, g[b * K:(b + 1) * K],
-                                                   groups=module.groups, **kw)
-            out["weight"] = w
-        else:
-            xk = groups(x, K).transpose(0, 1).reshape(K, B * C, *x.shape[2:])   # (K, B*C, H, W)
-            gk = gg.transpose(0, 1).reshape(K, B * O, *g.shape[2:])             # (K, B*O, Ho, Wo)
-            w = torch.nn.grad.conv2d_weight(xk, (B * O, C // module.groups, *module.kernel_size), gk,
-                                            groups=B * module.groups, **kw)
-            out["weight"] = w.reshape(B, O, C // module.groups, *module.kernel_size)
+        kw = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
+        shape = module.weight.shape
+        candidates = {"grouped": lambda: _grouped(x, g, shape, K, **kw), "loop": lambda: _loop(x, g, shape, K, **kw)}
+        if module.groups == 1 and x.shape[0] * shape[1] * shape[2] * shape[3] * g.shape[2] * g.shape[3] * 4 \
+                <= UNFOLD_MAX_BYTES:
+            candidates["unfold"] = lambda: _unfold(x, g, shape, K, **kw)
+        key = (x.device.type, x.dtype, batch_bucket(B), K, tuple(x.shape[1:]), tuple(g.shape[1:]), tuple(shape),
+               tuple(kw["stride"]), tuple(padding), tuple(kw["dilation"]), module.groups)
+        out["weight"] = run_fastest("conv2d", key, candidates, x.device)
     if module.bias is not None and module.bias.requires_grad:
         out["bias"] = gg.sum(dim=(1, 3, 4))
     return out
@@ -65,3 +61,34 @@ def _explicit_padding(module: nn.Conv2d) -> tuple:
             raise NotImplementedError("Conv2d padding='same' with an asymmetric padding has no per-group rule")
         pads.append(total // 2)
     return tuple(pads)
+
+
+def _grouped(x, g, shape, K, stride, padding, dilation, groups):
+    """One weight gradient of a grouped convolution: the K rows of a group are its batch, the B
+    groups its convolution groups (channels (K, B*C, H, W))."""
+    B, C, O = x.shape[0] // K, x.shape[1], g.shape[1]
+    xk = x.reshape(B, K, C, *x.shape[2:]).transpose(0, 1).reshape(K, B * C, *x.shape[2:])
+    gk = g.reshape(B, K, O, *g.shape[2:]).transpose(0, 1).reshape(K, B * O, *g.shape[2:])
+    w = torch.nn.grad.conv2d_weight(xk, (B * O, C // groups, *shape[2:]), gk, stride=stride, padding=padding,
+                                    dilation=dilation, groups=B * groups)
+    return w.reshape(B, *shape)
+
+
+def _loop(x, g, shape, K, stride, padding, dilation, groups):
+    """One ordinary weight gradient per example, over its K contiguous rows."""
+    B = x.shape[0] // K
+    w = x.new_empty(B, *shape, dtype=g.dtype)
+    for b in range(B):
+        w[b] = torch.nn.grad.conv2d_weight(x[b * K:(b + 1) * K], shape, g[b * K:(b + 1) * K], stride=stride,
+                                           padding=padding, dilation=dilation, groups=groups)
+    return w
+
+
+def _unfold(x, g, shape, K, stride, padding, dilation, groups):
+    """im2col, then per example (O, K*L) @ (K*L, C*kh*kw): one batched GEMM (groups == 1 only)."""
+    B, O = x.shape[0] // K, g.shape[1]
+    cols = F.unfold(x, shape[2:], dilation=dilation, padding=padding, stride=stride)     # (N, C*kh*kw, L)
+    L = cols.shape[-1]
+    cols = cols.reshape(B, K, -1, L).transpose(1, 2).reshape(B, -1, K * L)               # (B, C*kh*kw, K*L)
+    gl = g.reshape(B, K, O, L).transpose(1, 2).reshape(B, O, K * L)                       # (B, O, K*L)
+    return torch.bmm(gl, cols.transpose(1, 2)).reshape(B, *shape)

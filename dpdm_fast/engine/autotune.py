@@ -1,0 +1,76 @@
+"""One-time autotuning of a rule's computation path, cached per shape (as Triton's autotuner does).
+
+Which way of computing a per-group gradient is fastest depends on the batch, K, channels, map size
+and device (on 2 CPU cores, for a 3x3 conv: one grouped call wins at K=1 on 28x28 maps, a loop
+over examples at K=8 on 28x28, an unfold + batched GEMM on 7x7 maps). No single threshold gets
+them all, so the first call with a new shape key runs every candidate path twice, keeps the
+fastest, and later calls with that key run only it. Batch sizes are bucketed to powers of two,
+so Poisson batches of varying size share a handful of keys.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Dict, Hashable, Iterator
+
+import torch
+
+_CHOICES: Dict[Hashable, str] = {}
+_FORCED: Dict[str, str] = {}
+
+
+def batch_bucket(n: int) -> int:
+    """The power of two at or above n (0 stays 0): nearby Poisson batch sizes share a key."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def run_fastest(rule: str, key: Hashable, candidates: Dict[str, Callable[[], torch.Tensor]],
+                device: torch.device) -> torch.Tensor:
+    """Result of the fastest candidate for ``key`` (timing all of them the first time ``key`` is seen)."""
+    if rule in _FORCED:
+        if _FORCED[rule] not in candidates:
+            raise ValueError(f"path {_FORCED[rule]!r} is not available for this {rule} call (candidates: "
+                             f"{sorted(candidates)})")
+        return candidates[_FORCED[rule]]()
+    name = _CHOICES.get((rule, key))
+    if name is not None and name in candidates:
+        return candidates[name]()
+    best, result = None, None
+    for name, fn in candidates.items():
+        fn()                                   # warm-up (allocations, lazy initialisation)
+        start = _now(device)
+        out = fn()
+        elapsed = _now(device) - start
+        if best is None or elapsed < best[0]:
+            best, result = (elapsed, name), out
+    _CHOICES[(rule, key)] = best[1]
+    return result
+
+
+def chosen_paths() -> Dict[Hashable, str]:
+    """The cached choices so far, {(rule, key): path} (for benchmarks and reports)."""
+    return dict(_CHOICES)
+
+
+@contextlib.contextmanager
+def force_path(rule: str, path: str) -> Iterator[None]:
+    """Use ``path`` for ``rule`` regardless of timings (tests compare every path with the reference)."""
+    previous = _FORCED.get(rule)
+    _FORCED[rule] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            _FORCED.pop(rule, None)
+        else:
+            _FORCED[rule] = previous
+
+
+def clear_cache() -> None:
+    _CHOICES.clear()
