@@ -14,7 +14,7 @@ from typing import Iterator, List
 import numpy as np
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from .poisson import PoissonBatchSampler
+from .poisson import PoissonBatchSampler, _loader_options
 
 
 class BatchSplittingSampler(Sampler[List[int]]):
@@ -49,13 +49,8 @@ class _PhysicalBatches(DataLoader):
     """The loader BatchMemoryManager yields: signals the optimizer and the Poisson ledger per batch."""
 
     def __init__(self, source: DataLoader, max_batch_size: int, optimizer):
-        kwargs = dict(num_workers=source.num_workers, pin_memory=source.pin_memory, timeout=source.timeout,
-                      worker_init_fn=source.worker_init_fn, multiprocessing_context=source.multiprocessing_context,
-                      generator=source.generator, persistent_workers=source.persistent_workers)
-        if source.num_workers > 0:
-            kwargs["prefetch_factor"] = source.prefetch_factor
         super().__init__(source.dataset, batch_sampler=BatchSplittingSampler(source.batch_sampler, max_batch_size),
-                         collate_fn=source.collate_fn, **kwargs)
+                         collate_fn=source.collate_fn, **_loader_options(source))
         self.source, self.optimizer = source, optimizer
 
     def __iter__(self) -> Iterator:

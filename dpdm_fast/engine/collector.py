@@ -23,14 +23,13 @@ class GroupGradientCollector:
         if noise_multiplicity < 1:
             raise ValueError(f"noise_multiplicity must be >= 1, got {noise_multiplicity}")
         self.layout, self.K, self.loss_reduction = layout, int(noise_multiplicity), loss_reduction
-        self.backward_calls = 0
+        self.backward_calls = 0        # backward passes folded in since the last reset
         self._max_grad_norm = 1.0
         self.max_grad_norm = max_grad_norm
         device = layout.params[0].device if layout.params else torch.device("cpu")
         self.backend = get_backend(backend, device)
         self.clipped_sum = torch.zeros(layout.size, dtype=torch.float32, device=device)
         self.num_examples = 0          # examples folded into clipped_sum since the last reset
-        self.backward_calls = 0        # backward passes folded in since the last reset
         self.backwards_since_step = 0  # backward passes since the optimizer's last step() call
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last backward
         # ids of the trainable parameters of the current step (the user may freeze some between steps)

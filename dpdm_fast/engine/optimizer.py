@@ -66,7 +66,6 @@ class DPOptimizer(Optimizer):
         self.generator = generator
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self.before_noise: list[Callable[[torch.Tensor], None]] = []
-        self.before_step_checks: list[Callable[[], None]] = []
         # The loader make_private returned (its ledger of batch sizes), and whether each step must be
         # exactly one of its batches (Poisson) or may accumulate several (Opacus's rule otherwise).
         self.ledger = None
@@ -174,8 +173,6 @@ class DPOptimizer(Optimizer):
         self._last_step_skipped = False
         try:
             batches = self._check_batches() if self.ledger is not None else max(1, accumulated)
-            for check in self.before_step_checks:
-                check()
             self._check_no_ordinary_gradients()
         except BaseException:
             self._discard()

@@ -80,10 +80,6 @@ class _Ledger:
         drawn, self.drawn = self.drawn, []
         return drawn
 
-    @property
-    def batches_drawn(self) -> int:
-        return len(self.drawn)
-
 
 class PoissonDataLoader(_Ledger, DPDataLoader):
     """A Poisson-sampled loader (an Opacus ``DPDataLoader``, empty batches included) with a ledger."""
@@ -198,8 +194,9 @@ def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False) -> P
     if steps == 0:
         raise ValueError("the data loader yields no batches (empty dataset?)")
     kwargs = _loader_options(data_loader)
-    generator = None if secure_mode else kwargs.pop("generator")
-    kwargs.pop("generator", None)
+    generator = kwargs.pop("generator")
+    if secure_mode:
+        generator = None   # the sampler makes its own and re-seeds it from the OS every batch
     return PoissonDataLoader(dataset, sample_rate=1 / steps, steps=steps, collate_fn=data_loader.collate_fn,
                              generator=generator, secure_mode=secure_mode, **kwargs)
 

@@ -112,7 +112,6 @@ class PrivateModule(nn.Module):
             raise RuntimeError("this model was wrapped by make_private: call the private module it returned "
                                "(or private.remove_hooks() to get the plain model back); under "
                                "torch.no_grad() the model can be used as is, e.g. for sampling")
-        self._restore_frozen()
         self._calls.clear()
         self._check_structure()
         self._check_trainable()
@@ -153,7 +152,8 @@ class PrivateModule(nn.Module):
                                "after wrapping are neither validated nor hooked; wrap the model again with make_private")
 
     def _restore_frozen(self) -> None:
-        """Undo freezes a failed forward left behind (the hooks normally undo their own)."""
+        """Undo freezes a failed forward left behind (each layer's always-called forward hook normally
+        undoes its own; this runs once the outermost forward ends, even when it raised)."""
         for frozen in self._frozen.values():
             for p in frozen:
                 p.requires_grad_(True)
