@@ -1,4 +1,7 @@
-"""Clip / sum / noise passes over the flat (B, P) per-example gradient buffer, behind one interface.
+"""Clip / sum / noise passes over the per-example gradient buffer, behind one interface.
+
+The buffer holds one contiguous (B, numel) block per parameter (see ``FlatLayout``); the collector
+calls ``norms`` on each block as it is written and ``weighted_sum`` on each block at the end.
 
 ``backend="torch"`` is the reference and the CPU path. Fused kernels (Triton, CUDA) implement
 the same three methods and are chosen by ``get_backend``; ``"auto"`` picks the fastest
@@ -13,11 +16,11 @@ class TorchBackend:
     name = "torch"
 
     def norms(self, buffer: torch.Tensor) -> torch.Tensor:
-        """(B,) L2 norms of the rows of a (B, P) buffer, in fp32."""
+        """(B,) L2 norms of the rows of a (B, n) block, in fp32."""
         return torch.linalg.vector_norm(buffer, dim=1, dtype=torch.float32)
 
     def weighted_sum(self, buffer: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-        """out += weights @ buffer (the clip-weighted sum over examples), in fp32."""
+        """out (n,) += weights @ buffer (the clip-weighted sum over the examples of a (B, n) block), in fp32."""
         if buffer.shape[0]:
             out.addmv_(buffer.t(), weights.to(buffer.dtype))
 

@@ -198,8 +198,7 @@ class _Site:
     def compute(self, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor) -> None:
         owner = self.owner
         collector = owner.collector
-        buffer = collector.buffer_for(grad_out.shape[0], grad_out.device)
-        if buffer.shape[0] == 0:
+        if collector.begin(grad_out.shape[0], grad_out.device) == 0:
             for n in names:
                 collector.write(self.params[n], grad_out.new_zeros(0, *self.params[n].shape), self._full(n))
             return
@@ -210,11 +209,15 @@ class _Site:
         args = tuple(cast(a) for a in args)
         owner._in_rule = True
         try:
-            if self.spec is not None:
-                per_group = self.spec.rule(self.module, args, grad_out, collector.K)
-            else:
+            if self.spec is None:
                 per_group = functorch_rule(self.module, args, grad_out, collector.K,
                                            {k: cast(v) for k, v in kwargs.items()})
+            elif self.spec.writes_out and grad_out.dtype == torch.float32:
+                # the rule writes straight into the buffer's blocks (no copy pass)
+                out = {n: collector.target(self.params[n]) for n in names}
+                per_group = self.spec.rule(self.module, args, grad_out, collector.K, out=out)
+            else:
+                per_group = self.spec.rule(self.module, args, grad_out, collector.K)
         finally:
             owner._in_rule = False
         for n in names:

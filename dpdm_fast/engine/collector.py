@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.autograd.profiler import record_function
 
 from .backends import get_backend
 from .layout import FlatLayout
@@ -35,8 +36,9 @@ class GroupGradientCollector:
         # ids of the trainable parameters of the current step (the user may freeze some between steps)
         self.active: frozenset = frozenset(id(p) for p in layout.params)
         self.closed = False
-        self._storage: torch.Tensor | None = None
-        self._buffer: torch.Tensor | None = None
+        self._storage: torch.Tensor | None = None   # the flat per-example buffer (see FlatLayout)
+        self._B: int | None = None                  # examples of the backward pass in progress
+        self._sq_norms: torch.Tensor | None = None  # their squared norms, summed block by block
         self._task = -1
         self._written: set[int] = set()
         self._rows = 0
@@ -70,11 +72,13 @@ class GroupGradientCollector:
         self.active = active
 
     # -- during backward -------------------------------------------------------------------
-    def buffer_for(self, rows: int, device: torch.device) -> torch.Tensor:
+    def begin(self, rows: int, device: torch.device) -> int:
+        """Called by each layer's rule during backward: the number of examples B of this pass
+        (the first call of a backward pass sets up the buffer for it)."""
         task = torch._C._current_graph_task_id()
-        if self._buffer is not None and task != self._task:
-            self.abort()  # a previous backward died half-way: its partial buffer must not leak into this one
-        if self._buffer is None:
+        if self._B is not None and task != self._task:
+            self.abort()  # a previous backward died half-way: its partial sums must not leak into this one
+        if self._B is None:
             if self.closed:
                 raise RuntimeError("this private module was replaced by a later make_private call: train the "
                                    "module (and optimizer) that call returned")
@@ -85,17 +89,27 @@ class GroupGradientCollector:
             if self.clipped_sum.device != device:
                 raise RuntimeError(f"the model runs on {device} but the engine was set up on {self.clipped_sum.device}: "
                                    "move the model to its device before make_private (as with Opacus)")
-            if self._storage is None or self._storage.shape[0] < B or self._storage.device != device:
-                self._storage = torch.empty(B, self.layout.size, dtype=torch.float32, device=device)
-            self._buffer, self._rows, self._task = self._storage[:B], rows, task
+            with record_function("dpdm_fast.buffer_alloc"):
+                if self._storage is None or self._storage.numel() < B * self.layout.size:
+                    self._storage = None  # free the old one first: peak memory is one buffer, not two
+                    self._storage = torch.empty(B * self.layout.size, dtype=torch.float32, device=device)
+                self._sq_norms = torch.zeros(B, dtype=torch.float32, device=device)
+            self._B, self._rows, self._task = B, rows, task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         elif rows != self._rows:
             raise RuntimeError(f"one backward pass saw layers with {self._rows} and {rows} rows: "
                                "call backward once per forward of the private module")
-        return self._buffer
+        return self._B
+
+    def target(self, param: nn.Parameter) -> torch.Tensor:
+        """The (B, *param.shape) block of the buffer where param's per-group gradients go; a rule
+        that writes into it (``out=``) saves the copy ``write`` would otherwise make."""
+        return self.layout.block(self._storage, param, self._B)
 
     def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
-        expected = (self._buffer.shape[0], *param.shape)
+        """Take param's per-group gradients (in its ``target`` block already, or copied there) and
+        add their squared norms to the examples' running totals while the block is still in cache."""
+        expected = (self._B, *param.shape)
         if tuple(per_group.shape) != expected:
             raise RuntimeError(f"the per-group gradient of {name} has shape {tuple(per_group.shape)}, expected "
                                f"{expected} (examples, *parameter shape): the rule is wrong for this call")
@@ -104,26 +118,33 @@ class GroupGradientCollector:
                                "is used twice (tied weights, a module called twice, or two forward "
                                "passes in one loss), which per-example clipping does not support")
         self._written.add(id(param))
-        self.layout.view(self._buffer, param).copy_(per_group)
+        block = self.target(param)
+        if not _same_memory(per_group, block):
+            with record_function("dpdm_fast.buffer_copy"):
+                block.copy_(per_group)
+        if self._B:
+            with record_function("dpdm_fast.norms"):
+                self._sq_norms.add_(self.backend.norms(block.view(self._B, -1)).square_())
 
     def _end_of_backward(self) -> None:
-        buffer, self._buffer = self._buffer, None
+        B, self._B = self._B, None
         written, self._written = self._written, set()
-        if buffer is None:
+        if B is None:
             return
-        for p in self.layout.params:  # parameters this loss did not touch (or frozen ones) have zero gradient
-            if id(p) not in written:
-                self.layout.view(buffer, p).zero_()
-        B = buffer.shape[0]
-        # Opacus's per-row scaling (rows for 'mean'), then the average over K rows.
+        # Opacus's per-row scaling (rows for 'mean'), then the average over K rows. Parameters this
+        # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
-        norms = self.backend.norms(buffer) * scale
+        norms = self._sq_norms.sqrt() * scale
         if not torch.isfinite(norms).all():
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
                                      "batch (NaN/Inf in the loss or the model); refusing to clip them")
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        self.backend.weighted_sum(buffer, factors * scale, self.clipped_sum)
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
+        with record_function("dpdm_fast.clip_sum"):
+            for p in self.layout.params:
+                if id(p) in written and B:
+                    self.backend.weighted_sum(self.layout.block(self._storage, p, B).view(B, -1), factors,
+                                              self.layout.flat_view(self.clipped_sum, p).view(-1))
         self.last_norms = norms
         self.num_examples += B
         self.backward_calls += 1
@@ -131,9 +152,13 @@ class GroupGradientCollector:
 
     def abort(self) -> None:
         """Forget a backward pass that failed half-way (its clipped contributions were never added)."""
-        self._buffer, self._written = None, set()
+        self._B, self._written = None, set()
 
     def reset(self) -> None:
         self.clipped_sum.zero_()
         self.num_examples = 0
         self.backward_calls = 0
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype

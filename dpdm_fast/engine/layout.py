@@ -15,11 +15,13 @@ class Slot:
 
 
 class FlatLayout:
-    """Parameters laid end to end: row b of a (B, P) buffer is example b's whole gradient.
+    """Parameters laid end to end in a flat (P,) vector, and parameter by parameter in the flat
+    per-example buffer: for B examples, parameter p's gradients are the contiguous (B, *p.shape)
+    block at elements [B * offset, B * (offset + numel)).
 
-    Keeping per-example gradients contiguous makes norms, clip-weighted sums and noise a few
-    passes over one block of memory, which is what the clip/noise backends (and later kernels)
-    operate on.
+    Blocks (rather than one (B, P) row per example) let a rule write its per-group gradients straight
+    into the buffer with ``out=`` (a (B, *shape) block is what a batched GEMM produces), so there is no
+    copy pass; the norm and clip-weighted sum passes then run block by block.
     """
 
     def __init__(self, params: list[nn.Parameter]):
@@ -31,10 +33,10 @@ class FlatLayout:
         self.size = offset
         self.params = params
 
-    def view(self, buffer: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-        """The (B, *p.shape) strided view of parameter p inside a (B, P) buffer."""
+    def block(self, storage: torch.Tensor, p: nn.Parameter, B: int) -> torch.Tensor:
+        """The contiguous (B, *p.shape) block of parameter p in a flat buffer holding B examples."""
         s = self.slots[id(p)]
-        return buffer[:, s.offset:s.offset + s.numel].view(buffer.shape[0], *p.shape)
+        return storage[B * s.offset:B * (s.offset + s.numel)].view(B, *p.shape)
 
     def flat_view(self, flat: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
         """p-shaped view into a flat (P,) vector."""

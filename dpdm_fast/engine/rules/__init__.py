@@ -13,6 +13,7 @@ computation (``forward``, and e.g. ``_conv_forward``) and has no parameters the 
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence
 
@@ -30,6 +31,7 @@ class RuleSpec:
     methods: tuple                              # methods whose override invalidates the rule
     check: Callable[[nn.Module], None] | None   # raises NotImplementedError for unsupported options
     input_ndim: Callable[[int], bool]           # accepted rank of the (batched) input
+    writes_out: bool = False                    # takes out={name: (B, *shape) buffer block}
 
 
 RULES: Dict[type, RuleSpec] = {}
@@ -44,10 +46,16 @@ def register_rule(*module_types: type, params: Sequence[str] = ("weight", "bias"
     override by a subclass means the rule no longer describes the computation; ``check(module)``:
     raise ``NotImplementedError`` at wrap time for layer options the rule does not support;
     ``input_ndim``: which ranks of the first input are batched inputs (rows on dim 0).
+
+    A rule may take a keyword argument ``out``: then it is given ``out={name: block}``, the fp32
+    (B, *shape) blocks of the engine's buffer for the parameters it must compute, and may write
+    its results there (e.g. ``torch.bmm(..., out=out.get("weight"))``) and return those blocks,
+    which saves the engine a copy. Without fp32 gradients (autocast) it is called without ``out``.
     """
     def wrap(fn: Rule) -> Rule:
+        writes_out = "out" in inspect.signature(fn).parameters
         for t in module_types:
-            RULES[t] = RuleSpec(fn, t, frozenset(params), tuple(methods), check, input_ndim)
+            RULES[t] = RuleSpec(fn, t, frozenset(params), tuple(methods), check, input_ndim, writes_out)
         return fn
     return wrap
 
@@ -77,6 +85,11 @@ def groups(t: torch.Tensor, K: int) -> torch.Tensor:
         raise ValueError(f"{t.shape[0]} rows is not a multiple of the noise multiplicity K={K}: "
                          "each example must contribute exactly K consecutive rows")
     return t.reshape(t.shape[0] // K, K, *t.shape[1:])
+
+
+def block(out: dict | None, name: str) -> torch.Tensor | None:
+    """The buffer block to write ``name``'s per-group gradients into, or None (allocate one)."""
+    return None if out is None else out.get(name)
 
 
 from . import conv, embedding, linear, nin, norm  # noqa: E402,F401  (registration)

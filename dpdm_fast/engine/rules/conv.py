@@ -4,7 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..autotune import batch_bucket, run_fastest
-from . import groups, register_rule
+from . import block, groups, register_rule
 
 
 # Memory cap for the unfold path's column buffer (rows x C*k*k x output pixels floats): it is a
@@ -21,7 +21,7 @@ def _check_conv(module: nn.Conv2d) -> None:
 
 
 @register_rule(nn.Conv2d, methods=("forward", "_conv_forward"), check=_check_conv, input_ndim=lambda d: d == 4)
-def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> dict:
+def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
     """Per-group weight gradients with the sum over K inside the convolution or GEMM.
 
     Three exact paths, none materialising per-row gradients; the fastest for the shape is chosen by
@@ -30,24 +30,26 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int) -> di
     """
     x = inputs[0]
     B = x.shape[0] // K
-    out = {}
+    res = {}
     gg = groups(g, K)                                                        # (B, K, O, Ho, Wo)
+    w_out = block(out, "weight")
     if module.weight.requires_grad and B == 0:
-        out["weight"] = x.new_zeros(0, *module.weight.shape)
+        res["weight"] = x.new_zeros(0, *module.weight.shape)
     elif module.weight.requires_grad:
         padding = module.padding if not isinstance(module.padding, str) else _explicit_padding(module)
         kw = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
         shape = module.weight.shape
-        candidates = {"grouped": lambda: _grouped(x, g, shape, K, **kw), "loop": lambda: _loop(x, g, shape, K, **kw)}
+        candidates = {"grouped": lambda: _grouped(x, g, shape, K, **kw),
+                      "loop": lambda: _loop(x, g, shape, K, w_out, **kw)}
         if module.groups == 1 and x.shape[0] * shape[1] * shape[2] * shape[3] * g.shape[2] * g.shape[3] * 4 \
                 <= UNFOLD_MAX_BYTES:
-            candidates["unfold"] = lambda: _unfold(x, g, shape, K, **kw)
+            candidates["unfold"] = lambda: _unfold(x, g, shape, K, w_out, **kw)
         key = (x.device.type, x.dtype, batch_bucket(B), K, tuple(x.shape[1:]), tuple(g.shape[1:]), tuple(shape),
                tuple(kw["stride"]), tuple(padding), tuple(kw["dilation"]), module.groups)
-        out["weight"] = run_fastest("conv2d", key, candidates, x.device)
+        res["weight"] = run_fastest("conv2d", key, candidates, x.device)
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = gg.sum(dim=(1, 3, 4))
-    return out
+        res["bias"] = torch.sum(gg, dim=(1, 3, 4), out=block(out, "bias"))
+    return res
 
 
 def _explicit_padding(module: nn.Conv2d) -> tuple:
@@ -74,21 +76,21 @@ def _grouped(x, g, shape, K, stride, padding, dilation, groups):
     return w.reshape(B, *shape)
 
 
-def _loop(x, g, shape, K, stride, padding, dilation, groups):
-    """One ordinary weight gradient per example, over its K contiguous rows."""
+def _loop(x, g, shape, K, w, stride, padding, dilation, groups):
+    """One ordinary weight gradient per example, over its K contiguous rows (into w if given)."""
     B = x.shape[0] // K
-    w = x.new_empty(B, *shape, dtype=g.dtype)
+    w = x.new_empty(B, *shape, dtype=g.dtype) if w is None else w
     for b in range(B):
         w[b] = torch.nn.grad.conv2d_weight(x[b * K:(b + 1) * K], shape, g[b * K:(b + 1) * K], stride=stride,
                                            padding=padding, dilation=dilation, groups=groups)
     return w
 
 
-def _unfold(x, g, shape, K, stride, padding, dilation, groups):
+def _unfold(x, g, shape, K, w, stride, padding, dilation, groups):
     """im2col, then per example (O, K*L) @ (K*L, C*kh*kw): one batched GEMM (groups == 1 only)."""
     B, O = x.shape[0] // K, g.shape[1]
     cols = F.unfold(x, shape[2:], dilation=dilation, padding=padding, stride=stride)     # (N, C*kh*kw, L)
     L = cols.shape[-1]
     cols = cols.reshape(B, K, -1, L).transpose(1, 2).reshape(B, -1, K * L)               # (B, C*kh*kw, K*L)
     gl = g.reshape(B, K, O, L).transpose(1, 2).reshape(B, O, K * L)                       # (B, O, K*L)
-    return torch.bmm(gl, cols.transpose(1, 2)).reshape(B, *shape)
+    return torch.bmm(gl, cols.transpose(1, 2), out=None if w is None else w.view(B, O, -1)).view(B, *shape)

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import groups, register_rule
+from . import block, groups, register_rule
 
 
 def _check_embedding(module: nn.Embedding) -> None:
@@ -16,7 +16,7 @@ def _check_embedding(module: nn.Embedding) -> None:
 
 
 @register_rule(nn.Embedding, params=("weight",), check=_check_embedding, input_ndim=lambda d: d >= 1)
-def embedding_rule(module: nn.Embedding, inputs: tuple, g: torch.Tensor, K: int) -> dict:
+def embedding_rule(module: nn.Embedding, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
     """Scatter-add each row's output gradient into its group's copy of the looked-up table row."""
     if not module.weight.requires_grad:
         return {}
@@ -29,6 +29,7 @@ def embedding_rule(module: nn.Embedding, inputs: tuple, g: torch.Tensor, K: int)
     if module.padding_idx is not None:
         g3 = g3 * (idx2 != module.padding_idx).unsqueeze(-1).to(g3.dtype)
     flat = (idx2 + V * torch.arange(B, device=idx.device)[:, None]).reshape(-1)
-    grad = torch.zeros(B * V, D, dtype=g.dtype, device=g.device)
+    target = block(out, "weight")
+    grad = torch.zeros(B * V, D, dtype=g.dtype, device=g.device) if target is None else target.view(B * V, D).zero_()
     grad.index_add_(0, flat, g3.reshape(-1, D))
-    return {"weight": grad.reshape(B, V, D)}
+    return {"weight": grad.view(B, V, D)}

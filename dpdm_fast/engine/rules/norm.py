@@ -4,11 +4,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import groups, register_rule
+from . import block, groups, register_rule
 
 
 @register_rule(nn.GroupNorm)
-def group_norm_rule(module: nn.GroupNorm, inputs: tuple, g: torch.Tensor, K: int) -> dict:
+def group_norm_rule(module: nn.GroupNorm, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
     """Affine grads of a group: sum over its rows and positions of g * x_hat (weight) and g (bias).
 
     x_hat comes from ``torch.native_group_norm`` (the kernel autograd's GroupNorm uses): on CPU it is
@@ -19,17 +19,17 @@ def group_norm_rule(module: nn.GroupNorm, inputs: tuple, g: torch.Tensor, K: int
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     B = N // K
     g4 = groups(g, K).reshape(B, K, C, S)
-    out = {}
+    res = {}
     if module.weight is not None and module.weight.requires_grad:
         if N == 0:
-            out["weight"] = x.new_zeros(0, C)
+            res["weight"] = x.new_zeros(0, C)
         else:
             x_hat = torch.native_group_norm(x, None, None, N, C, S, module.num_groups, module.eps)[0]
             x_hat.mul_(g.reshape(x_hat.shape))  # in place: one activation-sized temporary, not two
-            out["weight"] = x_hat.reshape(B, K, C, S).sum(dim=(1, 3))
+            res["weight"] = torch.sum(x_hat.reshape(B, K, C, S), dim=(1, 3), out=block(out, "weight"))
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = g4.sum(dim=(1, 3))
-    return out
+        res["bias"] = torch.sum(g4, dim=(1, 3), out=block(out, "bias"))
+    return res
 
 
 @register_rule(nn.LayerNorm)
