@@ -36,6 +36,8 @@ class Workload:
 WORKLOADS = {
     "mnist": Workload("mnist", "DPDM MNIST net (1.75M params, 28x28, conditional)",
                       lambda: NCSNpp(28, [7]), 1, 28, True),
+    "small": Workload("small", "small MNIST net (nf=16, one residual block per level, no attention, 28x28, conditional)",
+                      lambda: NCSNpp(28, [], nf=16, num_res_blocks=1), 1, 28, True),
     "celeba": Workload("celeba", "DPDM CelebA-32 net (1.80M params, 32x32, unconditional)",
                        lambda: NCSNpp(32, [16, 8], num_in_channels=3, num_out_channels=3, label_dim=0,
                                       use_cfg=False), 3, 32, False),
