@@ -35,10 +35,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _grid(text: str) -> list[tuple[int, int]]:
+    if text == "full":
+        from .benchmarks.runner import FULL_GRID
+        return FULL_GRID
     try:
         return [tuple(int(v) for v in cell.split("x")) for cell in text.split(",")]  # type: ignore[misc]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"grid must look like 8x4,16x8 (B x K), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"grid must look like 8x4,16x8 (B x K) or be 'full', got {text!r}") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -61,7 +64,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
     grid = args.grid or (GPU_GRID if args.device.startswith("cuda") else CPU_QUICK_GRID)
     result = run_grid(engines, workloads, grid, repeats=args.repeats, device=args.device, threads=args.threads,
-                      memory=not args.no_memory, isolate=args.isolate)
+                      memory=not args.no_memory, isolate=args.isolate, max_step_s=args.max_step_s)
     paths = write_outputs(result, Path(args.out))
     print(paths["table"].read_text())
     print(f"wrote {paths['json']}, {paths['table']}" + (f", {paths['plot']}" if paths["plot"] else ""))
@@ -77,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmark every DP engine side by side (quick CPU grid by default)")
     bench.add_argument("--engines", default="nonprivate,dpdm_fast,opacus_kavg,opacus_ghost,functorch")
-    bench.add_argument("--workloads", default="mnist", help="comma list of: mnist, celeba")
-    bench.add_argument("--grid", type=_grid, default=None, help="cells as BxK, e.g. 8x4,16x8,32x4")
+    bench.add_argument("--workloads", default="mnist", help="comma list of: mnist, small, celeba")
+    bench.add_argument("--grid", type=_grid, default=None,
+                       help="cells as BxK, e.g. 8x4,16x8,32x4, or 'full' (B in 16,64,256,1024 x K in 1,2,8,32)")
+    bench.add_argument("--max-step-s", type=float, default=None,
+                       help="do not run an engine on a cell whose step would take longer (extrapolated from "
+                            "its smaller cells); such cells are reported as too slow")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--device", default="cpu")

@@ -57,39 +57,90 @@ def markdown_table(result: dict) -> str:
              "not the same algorithm. Peak memory (building the engine + two steps, fresh process per engine): CPU = peak of "
              "live tensor bytes from the torch profiler's allocation events (peak RSS is in the JSON); GPU = "
              "torch.cuda.max_memory_allocated. 'mem over non-private' = that peak minus the non-private peak.")
-    return head + "\n".join(lines) + notes + "\n"
+    return head + ratio_table(result) + "\n" + "\n".join(lines) + notes + "\n"
+
+
+def ratio_table(result: dict) -> str:
+    """One line per (workload, B, K): each engine's step time over the non-private one (or why not)."""
+    engines = [e for e in result["engines"] if e != "nonprivate"]
+    lines = ["| workload | B | K | rows | non-private step | " + " | ".join(f"{e} / non-private" for e in engines) + " |",
+             "|---|---|---|---|---|" + "---|" * len(engines)]
+    keys = sorted({(c["workload"], c["B"], c["K"]) for c in result["cells"]},
+                  key=lambda k: (k[0], k[1] * k[2], k[1]))
+    for w, B, K in keys:
+        by = {c["engine"]: c for c in result["cells"] if (c["workload"], c["B"], c["K"]) == (w, B, K)}
+        base = by.get("nonprivate", {})
+        base_txt = f"{base['median_s'] * 1e3:.0f} ms" if base.get("status") == "ok" else _short(base.get("status"))
+        vals = []
+        for e in engines:
+            c = by.get(e, {})
+            vals.append(f"{c['x_nonprivate']:.2f}x" if c.get("x_nonprivate") else _short(c.get("status")))
+        lines.append(f"| {w} | {B} | {K} | {B * K} | {base_txt} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _short(status: str | None) -> str:
+    if status is None:
+        return "-"
+    if status == "ok":
+        return "no non-private time"
+    return status.split(" (")[0].split(":")[0] if len(status) > 40 else status
 
 
 def plot(result: dict, path: Path) -> Path | None:
+    """Per workload: DP step / non-private step per engine across the grid (bars), and step times."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    cells = [c for c in result["cells"] if c["status"] == "ok"]
+    cells = result["cells"]
     workloads = sorted({c["workload"] for c in cells})
+    engines = [e for e in result["engines"] if e != "nonprivate"]
     if not workloads:
         return None
-    fig, axes = plt.subplots(len(workloads), 2, figsize=(11, 4 * len(workloads)), squeeze=False)
+    fig, axes = plt.subplots(len(workloads), 2, figsize=(15, 4.5 * len(workloads)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(1, len(engines))
     for row, w in enumerate(workloads):
-        for col, (key, label, scale) in enumerate([("median_s", "time per step (ms)", 1e3),
-                                                   ("peak_bytes", "peak memory (MiB)", 1 / 2**20)]):
-            ax = axes[row][col]
-            for engine in sorted({c["engine"] for c in cells}):
-                for K in sorted({c["K"] for c in cells}):
-                    pts = sorted((c["B"], c[key] * scale) for c in cells
-                                 if c["workload"] == w and c["engine"] == engine and c["K"] == K and c.get(key))
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=f"{engine} K={K}")
-            ax.set_xlabel("examples per batch B")
-            ax.set_ylabel(label)
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{w}: {label}")
-            ax.grid(alpha=0.3)
-        axes[row][0].legend(fontsize=7)
+        keys = sorted({(c["B"], c["K"]) for c in cells if c["workload"] == w}, key=lambda k: (k[0] * k[1], k[0]))
+        by = {(c["B"], c["K"], c["engine"]): c for c in cells if c["workload"] == w}
+        ax = axes[row][0]
+        top = 2.0
+        for i, e in enumerate(engines):
+            xs = [j + (i - (len(engines) - 1) / 2) * width for j in range(len(keys))]
+            ys = [by.get((B, K, e), {}).get("x_nonprivate") for B, K in keys]
+            ax.bar([x for x, y in zip(xs, ys) if y], [y for y in ys if y], width, label=e)
+            top = max([top] + [y for y in ys if y])
+            for x, (B, K), y in zip(xs, keys, ys):
+                if not y:
+                    status = by.get((B, K, e), {}).get("status") or "-"
+                    label = "OOM" if "memory" in status else "too slow" if "slow" in status else "failed"
+                    ax.text(x, 0.05, label, rotation=90, ha="center", va="bottom", fontsize=6)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.axhline(1.25, color="red", lw=0.8, ls="--", label="1.25x")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([f"B={B}\nK={K}" for B, K in keys], fontsize=7)
+        ax.set_ylim(0, min(top * 1.05, 6))
+        ax.set_ylabel("DP step / non-private step")
+        ax.set_title(f"{w}: cost of privacy per engine (lower is better; 1 = non-private)")
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        ax = axes[row][1]
+        for e in result["engines"]:
+            pts = [(B * K, by[(B, K, e)]["median_s"]) for B, K in keys if by.get((B, K, e), {}).get("status") == "ok"]
+            if pts:
+                ax.plot(*zip(*sorted(pts)), marker="o", label=e)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("rows per step (B x K)")
+        ax.set_ylabel("median step time (s)")
+        ax.set_title(f"{w}: step time")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     m = result["machine"]
-    fig.suptitle(f"{m['gpu'] or m['cpu']}, {m['threads']} threads, {m['date'][:10]}", fontsize=9)
+    fig.suptitle(f"{m['gpu'] or m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,9 +15,9 @@ import torch
 class TorchBackend:
     name = "torch"
 
-    def norms(self, buffer: torch.Tensor) -> torch.Tensor:
-        """(B,) L2 norms of the rows of a (B, n) block, in fp32."""
-        return torch.linalg.vector_norm(buffer, dim=1, dtype=torch.float32)
+    def norms(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) L2 norms of the rows of a (B, n) block, in fp32 (into ``out`` if given)."""
+        return torch.linalg.vector_norm(buffer, dim=1, dtype=torch.float32, out=out)
 
     def weighted_sum(self, buffer: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
         """out (n,) += weights @ buffer (the clip-weighted sum over the examples of a (B, n) block), in fp32."""

@@ -207,7 +207,7 @@ class _Site:
         cast = lambda a: a.to(grad_out.dtype) if (isinstance(a, torch.Tensor) and a.is_floating_point()  # noqa: E731
                                                  and a.dtype != grad_out.dtype) else a
         args = tuple(cast(a) for a in args)
-        owner._in_rule = True
+        object.__setattr__(owner, "_in_rule", True)  # (skips nn.Module.__setattr__'s bookkeeping)
         try:
             if self.spec is None:
                 per_group = functorch_rule(self.module, args, grad_out, collector.K,
@@ -219,7 +219,7 @@ class _Site:
             else:
                 per_group = self.spec.rule(self.module, args, grad_out, collector.K)
         finally:
-            owner._in_rule = False
+            object.__setattr__(owner, "_in_rule", False)
         for n in names:
             if n not in per_group:
                 raise RuntimeError(f"requires_grad of {self._full(n)} changed between forward and backward")

@@ -6,6 +6,8 @@ disagree.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torch.autograd.profiler import record_function
@@ -38,7 +40,11 @@ class GroupGradientCollector:
         self.closed = False
         self._storage: torch.Tensor | None = None   # the flat per-example buffer (see FlatLayout)
         self._B: int | None = None                  # examples of the backward pass in progress
-        self._sq_norms: torch.Tensor | None = None  # their squared norms, summed block by block
+        self._blocks: dict = {}                     # id(param) -> its (B, *shape) block, for _blocks_B examples
+        self._blocks_B: int | None = None
+        self._norm_table: torch.Tensor | None = None  # (params, B): per-parameter norms of each example
+        self._norm_rows: dict = {}
+        self._flat_sum = {id(p): layout.flat_view(self.clipped_sum, p).view(-1) for p in layout.params}
         self._task = -1
         self._written: set[int] = set()
         self._rows = 0
@@ -89,11 +95,16 @@ class GroupGradientCollector:
             if self.clipped_sum.device != device:
                 raise RuntimeError(f"the model runs on {device} but the engine was set up on {self.clipped_sum.device}: "
                                    "move the model to its device before make_private (as with Opacus)")
-            with record_function("dpdm_fast.buffer_alloc"):
+            with profile_scope("dpdm_fast.buffer_alloc"):
                 if self._storage is None or self._storage.numel() < B * self.layout.size:
-                    self._storage = None  # free the old one first: peak memory is one buffer, not two
+                    self._storage, self._blocks, self._blocks_B = None, {}, None  # free it first: one buffer at peak
                     self._storage = torch.empty(B * self.layout.size, dtype=torch.float32, device=device)
-                self._sq_norms = torch.zeros(B, dtype=torch.float32, device=device)
+                if self._blocks_B != B:  # views of the blocks and norm rows, reused while B stays the same
+                    self._blocks = {id(p): self.layout.block(self._storage, p, B) for p in self.layout.params}
+                    self._norm_table = torch.empty(len(self.layout.params), B, dtype=torch.float32, device=device)
+                    self._norm_rows = {id(p): self._norm_table[i] for i, p in enumerate(self.layout.params)}
+                    self._blocks_B = B
+                self._norm_table.zero_()  # parameters this pass does not write count as zero
             self._B, self._rows, self._task = B, rows, task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         elif rows != self._rows:
@@ -104,7 +115,7 @@ class GroupGradientCollector:
     def target(self, param: nn.Parameter) -> torch.Tensor:
         """The (B, *param.shape) block of the buffer where param's per-group gradients go; a rule
         that writes into it (``out=``) saves the copy ``write`` would otherwise make."""
-        return self.layout.block(self._storage, param, self._B)
+        return self._blocks[id(param)]
 
     def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
         """Take param's per-group gradients (in its ``target`` block already, or copied there) and
@@ -118,13 +129,13 @@ class GroupGradientCollector:
                                "is used twice (tied weights, a module called twice, or two forward "
                                "passes in one loss), which per-example clipping does not support")
         self._written.add(id(param))
-        block = self.target(param)
+        block = self._blocks[id(param)]
         if not _same_memory(per_group, block):
-            with record_function("dpdm_fast.buffer_copy"):
+            with profile_scope("dpdm_fast.buffer_copy"):
                 block.copy_(per_group)
         if self._B:
-            with record_function("dpdm_fast.norms"):
-                self._sq_norms.add_(self.backend.norms(block.view(self._B, -1)).square_())
+            with profile_scope("dpdm_fast.norms"):
+                self.backend.norms(block.view(self._B, -1), out=self._norm_rows[id(param)])
 
     def _end_of_backward(self) -> None:
         B, self._B = self._B, None
@@ -134,17 +145,17 @@ class GroupGradientCollector:
         # Opacus's per-row scaling (rows for 'mean'), then the average over K rows. Parameters this
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
-        norms = self._sq_norms.sqrt() * scale
+        # the norm of each example's per-parameter norms is its whole gradient's norm
+        norms = self.backend.norms(self._norm_table.t()) * scale if B else self._norm_table.new_zeros(0)
         if not torch.isfinite(norms).all():
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
                                      "batch (NaN/Inf in the loss or the model); refusing to clip them")
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
-        with record_function("dpdm_fast.clip_sum"):
+        with profile_scope("dpdm_fast.clip_sum"):
             for p in self.layout.params:
                 if id(p) in written and B:
-                    self.backend.weighted_sum(self.layout.block(self._storage, p, B).view(B, -1), factors,
-                                              self.layout.flat_view(self.clipped_sum, p).view(-1))
+                    self.backend.weighted_sum(self._blocks[id(p)].view(B, -1), factors, self._flat_sum[id(p)])
         self.last_norms = norms
         self.num_examples += B
         self.backward_calls += 1
@@ -158,6 +169,11 @@ class GroupGradientCollector:
         self.clipped_sum.zero_()
         self.num_examples = 0
         self.backward_calls = 0
+
+
+def profile_scope(name: str):
+    """A named range in torch profiler traces (bench/fixed_costs.py reads them); free when not profiling."""
+    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

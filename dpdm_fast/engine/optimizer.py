@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
-from .collector import GroupGradientCollector
+from .collector import GroupGradientCollector, profile_scope
 
 
 def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -181,18 +181,20 @@ class DPOptimizer(Optimizer):
         total = collector.clipped_sum
         for hook in self.before_noise:
             hook(total)
-        collector.backend.add_noise(total, self.noise_multiplier * self.max_grad_norm, self.generator,
-                                    self.secure_mode)
+        with profile_scope("dpdm_fast.noise"):
+            collector.backend.add_noise(total, self.noise_multiplier * self.max_grad_norm, self.generator,
+                                        self.secure_mode)
         if self.secure_mode:  # re-seed so the stream cannot be replayed from one observed seed
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         if self.loss_reduction == "mean":
             scale = self.expected_batch_size * (self.accumulated_iterations if self.scale_by_accumulated_iterations else 1)
             total.div_(scale)
         layout = collector.layout
-        flat = total.clone()  # collector.reset() below zeroes `total`; the grads are views of this copy
-        for p in layout.params:
-            p.grad = layout.flat_view(flat, p).to(p.dtype) if id(p) in collector.active else None
-        collector.reset()
+        with profile_scope("dpdm_fast.grads_out"):
+            flat = total.clone()  # collector.reset() below zeroes `total`; the grads are views of this copy
+            for p in layout.params:
+                p.grad = layout.flat_view(flat, p).to(p.dtype) if id(p) in collector.active else None
+            collector.reset()
         for hook in self.step_hooks:
             hook(self)
         self._steps_taken += 1
