@@ -73,6 +73,54 @@ def test_group_norm_rule(B, K, G, per, size):
     check(gn, torch.randn(B * K, G * per, size, size), K)
 
 
+@pytest.mark.parametrize("B,K,G,per", [(3, 2, 2, 3), (2, 1, 4, 1), (1, 3, 1, 5)])
+def test_group_norm_rule_with_the_forwards_statistics(B, K, G, per):
+    """In the engine the rule reuses the mean and 1/std autograd saved in the forward."""
+    from dpdm_fast.engine.rules.norm import _group_norm_stats
+    torch.manual_seed(0)
+    gn = nn.GroupNorm(G, G * per, eps=1e-5)
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = torch.randn(B * K, G * per, 4, 3, requires_grad=True)
+    for p in gn.parameters():
+        p.requires_grad_(False)   # as the engine runs a layer's forward
+    y = gn(x)
+    saved = _group_norm_stats(gn, (x,), y)
+    assert saved is not None and saved[0].shape == (B * K, G)
+    for p in gn.parameters():
+        p.requires_grad_(True)
+    g = torch.randn_like(y)
+    ours = find_rule(gn).rule(gn, (x.detach(),), g, K, saved=saved)
+    ref = loop_reference(gn, x.detach(), g, K)
+    for n in ref:
+        torch.testing.assert_close(ours[n], ref[n], rtol=1e-4, atol=1e-5)
+    for p in gn.parameters():
+        p.requires_grad_(False)
+    assert _group_norm_stats(gn, (x,), gn(x.detach())) is None  # no graph: the rule recomputes them
+
+
+def test_group_norm_first_and_later_in_a_model_matches_the_loop():
+    """A GroupNorm on the raw input (no autograd statistics to reuse) and one after a conv."""
+    from dpdm_fast.engine.reference import per_example_loop_update
+    from engine_helpers import flat_grad, rel, zero_noise_engine
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.GroupNorm(1, 2), nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Flatten(),
+                        nn.Linear(4 * 25, 1))
+    with torch.no_grad():
+        for m in (net[0], net[2]):
+            m.weight.normal_()
+            m.bias.normal_()
+    K, B, C = 2, 3, 0.3
+    x, t = torch.randn(B * K, 2, 5, 5), torch.randn(B * K, 1)
+    loss_rows = lambda m, x, t: ((m(x) - t) ** 2).squeeze(-1)  # noqa: E731
+    ref = per_example_loop_update(net, loss_rows, (x, t), K, C, B)
+    pm, opt = zero_noise_engine(net, K, C, B)
+    loss_rows(pm, x, t).mean().backward()
+    opt.step()
+    assert rel(flat_grad(net), ref) < 1e-5
+
+
 @SETTINGS
 @given(B=st.integers(0, 3), K=st.integers(1, 3), T=st.integers(1, 4), d=st.integers(2, 5))
 def test_layer_norm_rule(B, K, T, d):

@@ -75,8 +75,9 @@ class _Call:
         it = iter(saved)
         args = tuple(next(it) if a is _TENSOR else a for a in self.args_template)
         kwargs = {k: next(it) if v is _TENSOR else v for k, v in self.kwargs_template.items()}
+        extra = tuple(it)  # what the rule's save() kept
         try:
-            site.compute(self.names, args, kwargs, grad_out)
+            site.compute(self.names, args, kwargs, grad_out, extra)
         except BaseException:
             owner.collector.abort()  # leave no half-written backward behind for the next one
             raise
@@ -147,6 +148,8 @@ class _Site:
         names = [n for n, p in self.params.items() if id(p) in ids]
         saved = [a.detach() for a in args if isinstance(a, torch.Tensor)]
         saved += [v.detach() for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        if self.spec is not None and self.spec.save is not None:
+            saved += [t.detach() for t in self.spec.save(module, args, output) or ()]
         call = _Call(self, names, [_TENSOR if isinstance(a, torch.Tensor) else a for a in args],
                      {k: _TENSOR if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
         return _Tap.apply(output, self.owner._trigger, call, *saved)
@@ -195,7 +198,7 @@ class _Site:
                                       "register a rule")
 
     # -- backward -----------------------------------------------------------------------------
-    def compute(self, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor) -> None:
+    def compute(self, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor, extra: tuple = ()) -> None:
         owner = self.owner
         collector = owner.collector
         if collector.begin(grad_out.shape[0], grad_out.device) == 0:
@@ -212,12 +215,12 @@ class _Site:
             if self.spec is None:
                 per_group = functorch_rule(self.module, args, grad_out, collector.K,
                                            {k: cast(v) for k, v in kwargs.items()})
-            elif self.spec.writes_out and grad_out.dtype == torch.float32:
-                # the rule writes straight into the buffer's blocks (no copy pass)
-                out = {n: collector.target(self.params[n]) for n in names}
-                per_group = self.spec.rule(self.module, args, grad_out, collector.K, out=out)
             else:
-                per_group = self.spec.rule(self.module, args, grad_out, collector.K)
+                options = {"saved": extra or None} if self.spec.save is not None else {}
+                if self.spec.writes_out and grad_out.dtype == torch.float32:
+                    # the rule writes straight into the buffer's blocks (no copy pass)
+                    options["out"] = {n: collector.target(self.params[n]) for n in names}
+                per_group = self.spec.rule(self.module, args, grad_out, collector.K, **options)
         finally:
             object.__setattr__(owner, "_in_rule", False)
         for n in names:

@@ -32,6 +32,7 @@ class RuleSpec:
     check: Callable[[nn.Module], None] | None   # raises NotImplementedError for unsupported options
     input_ndim: Callable[[int], bool]           # accepted rank of the (batched) input
     writes_out: bool = False                    # takes out={name: (B, *shape) buffer block}
+    save: Callable | None = None                # save(module, args, output) -> extra tensors for the rule
 
 
 RULES: Dict[type, RuleSpec] = {}
@@ -39,7 +40,8 @@ RULES: Dict[type, RuleSpec] = {}
 
 def register_rule(*module_types: type, params: Sequence[str] = ("weight", "bias"),
                   methods: Sequence[str] = ("forward",), check: Callable[[nn.Module], None] | None = None,
-                  input_ndim: Callable[[int], bool] = lambda d: d >= 2) -> Callable[[Rule], Rule]:
+                  input_ndim: Callable[[int], bool] = lambda d: d >= 2,
+                  save: Callable | None = None) -> Callable[[Rule], Rule]:
     """Register ``fn(module, inputs, grad_output, K) -> {param_name: (B, *shape)}`` for these types.
 
     ``params``: the parameter names the rule computes; ``methods``: methods of the class whose
@@ -51,11 +53,15 @@ def register_rule(*module_types: type, params: Sequence[str] = ("weight", "bias"
     (B, *shape) blocks of the engine's buffer for the parameters it must compute, and may write
     its results there (e.g. ``torch.bmm(..., out=out.get("weight"))``) and return those blocks,
     which saves the engine a copy. Without fp32 gradients (autocast) it is called without ``out``.
+
+    ``save(module, args, output)``: called after the layer's forward; the tensors it returns (or
+    None) are kept for backward and passed to the rule as ``saved=`` (e.g. statistics the forward
+    computed anyway, so the rule need not recompute them).
     """
     def wrap(fn: Rule) -> Rule:
         writes_out = "out" in inspect.signature(fn).parameters
         for t in module_types:
-            RULES[t] = RuleSpec(fn, t, frozenset(params), tuple(methods), check, input_ndim, writes_out)
+            RULES[t] = RuleSpec(fn, t, frozenset(params), tuple(methods), check, input_ndim, writes_out, save)
         return fn
     return wrap
 

@@ -7,28 +7,48 @@ import torch.nn.functional as F
 from . import block, groups, register_rule
 
 
-@register_rule(nn.GroupNorm)
-def group_norm_rule(module: nn.GroupNorm, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
+def _group_norm_stats(module: nn.GroupNorm, args: tuple, output: torch.Tensor):
+    """The per-(row, group) mean and 1/std that the forward computed and autograd keeps anyway."""
+    fn = output.grad_fn
+    if type(fn).__name__ != "NativeGroupNormBackward0":
+        return None  # input without grad, or a forward we do not recognise: the rule recomputes them
+    try:
+        if fn._saved_group != module.num_groups or fn._saved_eps != module.eps or fn._saved_N != output.shape[0]:
+            return None
+        return fn._saved_result1, fn._saved_result2
+    except RuntimeError:  # saved tensors not readable here (e.g. under a saved-tensor hook)
+        return None
+
+
+@register_rule(nn.GroupNorm, save=_group_norm_stats)
+def group_norm_rule(module: nn.GroupNorm, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None,
+                    saved: tuple | None = None) -> dict:
     """Affine grads of a group: sum over its rows and positions of g * x_hat (weight) and g (bias).
 
-    x_hat comes from ``torch.native_group_norm`` (the kernel autograd's GroupNorm uses): on CPU it is
-    several times faster than ``F.group_norm`` without affine parameters or ``torch.var_mean``
-    (measured 1.4 vs 10-12 ms for 128 rows of 32x28x28).
+    One call of the GroupNorm backward kernel computes them per (row, channel): viewing the N rows
+    of C channels as one row of N*C channels in N*groups groups makes its per-channel sums per-row
+    ones. The statistics come from the forward (``saved``); only without them are they recomputed
+    with ``torch.native_group_norm`` (several times faster on CPU than ``torch.var_mean``).
+    Measured on 2 CPU threads, (128, 32, 28x28): 0.6 ms, against 3.3 ms for recomputing x_hat.
     """
     x = inputs[0]
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    B = N // K
-    g4 = groups(g, K).reshape(B, K, C, S)
+    B, G = N // K, module.num_groups
+    need_w = module.weight is not None and module.weight.requires_grad
+    need_b = module.bias is not None and module.bias.requires_grad
+    if N == 0:
+        return {n: x.new_zeros(0, C) for n, need in (("weight", need_w), ("bias", need_b)) if need}
+    if saved is None:
+        saved = torch.native_group_norm(x, None, None, N, C, S, G, module.eps)[1:]
+    mean, rstd = (t.to(x.dtype).reshape(1, N * G) for t in saved)
+    _, dw, db = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, N * C, S), x.reshape(1, N * C, S), mean, rstd, x.new_ones(N * C), 1, N * C, S, N * G,
+        [False, need_w, need_b])
     res = {}
-    if module.weight is not None and module.weight.requires_grad:
-        if N == 0:
-            res["weight"] = x.new_zeros(0, C)
-        else:
-            x_hat = torch.native_group_norm(x, None, None, N, C, S, module.num_groups, module.eps)[0]
-            x_hat.mul_(g.reshape(x_hat.shape))  # in place: one activation-sized temporary, not two
-            res["weight"] = torch.sum(x_hat.reshape(B, K, C, S), dim=(1, 3), out=block(out, "weight"))
-    if module.bias is not None and module.bias.requires_grad:
-        res["bias"] = torch.sum(g4, dim=(1, 3), out=block(out, "bias"))
+    if need_w:
+        res["weight"] = torch.sum(dw.view(B, K, C), dim=1, out=block(out, "weight"))
+    if need_b:
+        res["bias"] = torch.sum(db.view(B, K, C), dim=1, out=block(out, "bias"))
     return res
 
 
