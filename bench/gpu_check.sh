@@ -3,7 +3,7 @@
 # Usage: bash bench/gpu_check.sh OUT_DIR
 # Needs torch (CUDA), numpy, matplotlib, omegaconf, pillow, tqdm, pytest, hypothesis there; opacus travels
 # as a wheel in .whl/ (pure Python; see bench/RESULTS.md), installed to /tmp/site. No network is used.
-# Finishes in well under 8 minutes on one H200.
+# Finishes in about 10 minutes at most on one H200 (each part has its own timeout).
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -30,4 +30,10 @@ ENGINES=nonprivate,dpdm_fast,functorch
 python3 -c "import opacus" 2>/dev/null && ENGINES=$ENGINES,opacus_kavg,opacus_ghost || echo "opacus missing: opacus_kavg and opacus_ghost NOT run"
 timeout 300 python3 -m dpdm_fast.cli bench --device cuda --engines "$ENGINES" --workloads mnist,celeba \
   --grid 64x32,256x32,1024x8 --repeats 5 --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
+
+echo "== 3. issue 8's (B, K) grid, both networks (DP / non-private per cell) =="
+GRID_ENGINES=nonprivate,dpdm_fast
+python3 -c "import opacus" 2>/dev/null && GRID_ENGINES=$GRID_ENGINES,opacus_kavg
+timeout 200 python3 -m dpdm_fast.cli bench --device cuda --engines "$GRID_ENGINES" --workloads small,mnist \
+  --grid full --repeats 3 --no-memory --max-step-s 5 --out "$OUT/grid" 2>&1 | tee "$OUT/grid_log.txt"
 echo "wrote $OUT"

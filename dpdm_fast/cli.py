@@ -64,7 +64,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
     grid = args.grid or (GPU_GRID if args.device.startswith("cuda") else CPU_QUICK_GRID)
     result = run_grid(engines, workloads, grid, repeats=args.repeats, device=args.device, threads=args.threads,
-                      memory=not args.no_memory, isolate=args.isolate, max_step_s=args.max_step_s)
+                      memory=not args.no_memory, isolate=args.isolate, max_step_s=args.max_step_s,
+                      max_rows=args.max_rows)
     paths = write_outputs(result, Path(args.out))
     print(paths["table"].read_text())
     print(f"wrote {paths['json']}, {paths['table']}" + (f", {paths['plot']}" if paths["plot"] else ""))
@@ -86,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-step-s", type=float, default=None,
                        help="do not run an engine on a cell whose step would take longer (extrapolated from "
                             "its smaller cells); such cells are reported as too slow")
+    bench.add_argument("--max-rows", type=int, default=None,
+                       help="do not run cells with more rows (B x K) than this; reported as too slow")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--device", default="cpu")

@@ -61,3 +61,30 @@ def test_isolated_timing_runs_each_engine_in_its_own_process():
     from dpdm_fast.benchmarks.measure import time_cell_isolated
     out = time_cell_isolated(["nonprivate", "dpdm_fast"], "mnist", 1, 1, rounds=2, device="cpu", threads=1)
     assert all(r["status"] == "ok" and len(r["times_s"]) == 2 for r in out.values())
+
+
+def test_grid_reports_too_slow_and_too_big_cells_instead_of_running_them(tmp_path, monkeypatch):
+    """A cell the time or memory budget rules out is in the table and the plot with the reason."""
+    from dpdm_fast.benchmarks import runner
+    monkeypatch.setattr(runner.Budget, "_memory_estimate",
+                        lambda self, w, e, B, K, params: 10 * 2**30 if e == "opacus_kavg" and B * K > 2 else 0)
+    monkeypatch.setattr(runner, "_available_bytes", lambda: 8 * 2**30)
+    result = run_grid(["nonprivate", "dpdm_fast", "opacus_kavg"], ["small"], [(2, 2), (1, 2), (64, 32)],
+                      repeats=1, memory=False, max_step_s=2.0, log=lambda *a: None)
+    by = {(c["B"], c["K"], c["engine"]): c for c in result["cells"]}
+    assert [(c["B"], c["K"]) for c in result["cells"]][::3] == [(1, 2), (2, 2), (64, 32)]  # by rows
+    assert by[(1, 2, "opacus_kavg")]["status"] == "ok"
+    assert by[(2, 2, "opacus_kavg")]["status"].startswith("out of memory: not run (~10.0 GiB estimated")
+    for e in ("nonprivate", "dpdm_fast"):   # 2048 rows at the seconds per row of the 4-row cell > 2 s
+        assert by[(64, 32, e)]["status"].startswith("too slow: not run")
+    paths = write_outputs(result, tmp_path)
+    table = paths["table"].read_text()
+    assert "| small | 64 | 32 | 2048 | too slow: not run |" in table
+    assert "| small | 2 | 2 | 4 |" in table and "out of memory: not run" in table
+    assert paths["plot"] is not None
+
+
+def test_full_grid_is_every_batch_with_every_k():
+    from dpdm_fast.benchmarks.runner import FULL_GRID
+    from dpdm_fast.cli import _grid
+    assert _grid("full") == FULL_GRID and len(FULL_GRID) == 16 and (1024, 32) in FULL_GRID and (16, 1) in FULL_GRID

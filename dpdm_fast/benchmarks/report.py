@@ -84,7 +84,8 @@ def _short(status: str | None) -> str:
         return "-"
     if status == "ok":
         return "no non-private time"
-    return status.split(" (")[0].split(":")[0] if len(status) > 40 else status
+    short = status.split(" (")[0]  # the estimate in parentheses is in the detailed table
+    return short if len(short) <= 48 else short[:45] + "..."
 
 
 def plot(result: dict, path: Path) -> Path | None:

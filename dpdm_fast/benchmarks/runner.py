@@ -28,8 +28,8 @@ class Budget:
     memory the machine has available.
     """
 
-    def __init__(self, max_step_s: float | None, device: str, threads: int):
-        self.max_step_s, self.device, self.threads = max_step_s, device, threads
+    def __init__(self, max_step_s: float | None, device: str, threads: int, max_rows: int | None = None):
+        self.max_step_s, self.device, self.threads, self.max_rows = max_step_s, device, threads, max_rows
         self.seconds_per_row: dict[tuple[str, str], tuple[int, float]] = {}
         self.activation_bytes: dict[str, tuple[float, float]] = {}
 
@@ -40,6 +40,8 @@ class Budget:
 
     def refusal(self, workload: str, engine: str, B: int, K: int, params: int) -> str | None:
         rows = B * K
+        if self.max_rows is not None and rows > self.max_rows:
+            return f"too slow: not run ({rows} rows per step > --max-rows {self.max_rows})"
         known = self.seconds_per_row.get((workload, engine))
         if self.max_step_s is not None and known is not None and known[1] * rows > self.max_step_s:
             return f"too slow: not run (~{known[1] * rows:.3g} s per step extrapolated, limit {self.max_step_s:g} s)"
@@ -67,6 +69,12 @@ class Budget:
 
 
 def _available_bytes() -> int | None:
+    gc.collect()
+    try:  # glibc keeps freed heap pages of earlier cells' engines; hand them back before asking
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -107,7 +115,8 @@ def remeasure_memory(result: dict, threads: int = 2, log=print) -> dict:
 
 def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tuple[int, int]], *,
              repeats: int = 5, device: str = "cpu", threads: int = 2, memory: bool = True,
-             isolate: bool = False, max_step_s: float | None = None, log=print) -> dict:
+             isolate: bool = False, max_step_s: float | None = None, max_rows: int | None = None,
+             log=print) -> dict:
     """Time (and measure memory of) every engine on every cell. ``isolate``: each timed step in a
     fresh process of its own engine (slower to run; closer to a real one-engine training process).
     Cells run in order of rows (B*K); an engine whose step would exceed ``max_step_s`` seconds or the
@@ -115,7 +124,7 @@ def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tu
     engines, workloads = list(engines), list(workloads)
     grid = sorted(grid, key=lambda c: (c[0] * c[1], c[0]))
     torch.set_num_threads(threads)
-    budget = Budget(max_step_s, device, threads)
+    budget = Budget(max_step_s, device, threads, max_rows)
     cells = []
     for w in workloads:
         params = sum(p.numel() for p in WORKLOADS[w].make_net().parameters())
@@ -150,4 +159,4 @@ def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tu
             cells += row
     return {"machine": machine_info(device, threads), "engines": engines, "repeats": repeats,
             "timing": "isolated processes" if isolate else "interleaved in one process",
-            "max_step_s": max_step_s, "cells": cells}
+            "max_step_s": max_step_s, "max_rows": max_rows, "cells": cells}

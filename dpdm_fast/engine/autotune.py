@@ -3,8 +3,9 @@
 Which way of computing a per-group gradient is fastest depends on the batch, K, channels, map size
 and device (on 2 CPU cores, for a 3x3 conv: one grouped call wins at K=1 on 28x28 maps, a loop
 over examples at K=8 on 28x28, an unfold + batched GEMM on 7x7 maps). No single threshold gets
-them all, so the first call with a new shape key runs every candidate path three times (a warm-up,
-then TIMED_ROUNDS timed runs in turns), keeps the fastest, and later calls with that key run only it. Batch sizes are bucketed to powers of two,
+them all, so the first call with a new shape key runs every candidate path (a warm-up, then
+TIMED_ROUNDS timed runs in turns for those not already far behind), keeps the fastest, and later
+calls with that key run only it. Batch sizes are bucketed to powers of two,
 so Poisson batches of varying size share a handful of keys.
 
 Candidates may write into the same output block (the engine's buffer): every path computes the
@@ -19,6 +20,7 @@ from typing import Callable, Dict, Hashable, Iterator
 import torch
 
 TIMED_ROUNDS = 2
+PRUNE_FACTOR = 4.0
 _CHOICES: Dict[Hashable, str] = {}
 _FORCED: Dict[str, str] = {}
 
@@ -45,14 +47,22 @@ def run_fastest(rule: str, key: Hashable, candidates: Dict[str, Callable[[], tor
     name = _CHOICES.get((rule, key))
     if name is not None and name in candidates:
         return candidates[name]()
-    # one warm-up call each (allocations, lazy initialisation), then TIMED_ROUNDS timed calls each,
-    # taken in turns so that a burst of machine noise does not pick the path; the minimum counts
-    results = {name: fn() for name, fn in candidates.items()}
+    # One warm-up call each (allocations, lazy initialisation); a path already PRUNE_FACTOR times
+    # slower than the fastest warm-up is not timed further (at B=1024 the loop over examples can
+    # take seconds). The rest get TIMED_ROUNDS timed calls, taken in turns so that a burst of
+    # machine noise does not pick the path; the minimum counts.
+    results, warm = {}, {}
+    for name, fn in candidates.items():
+        start = _now(device)
+        results[name] = fn()
+        warm[name] = _now(device) - start
+    fastest_warm = min(warm.values())
+    timed = [n for n in candidates if warm[n] <= PRUNE_FACTOR * fastest_warm]
     best: Dict[str, float] = {}
     for _ in range(TIMED_ROUNDS):
-        for name, fn in candidates.items():
+        for name in timed:
             start = _now(device)
-            results[name] = fn()
+            results[name] = candidates[name]()
             best[name] = min(best.get(name, float("inf")), _now(device) - start)
     choice = min(best, key=best.get)
     _CHOICES[(rule, key)] = choice

@@ -6,8 +6,8 @@ forward hook restores them), so autograd records no weight-gradient work. The la
 passed through ``_Tap``, an identity whose backward hands the output gradient and the layer's
 inputs (saved with ``save_for_backward``, so autograd's in-place checks and
 ``torch.utils.checkpoint`` apply to them) to the layer's rule. The rule writes per-group
-gradients into one flat (B, P) buffer (``GroupGradientCollector``), which is clipped per example
-when the backward pass ends.
+gradients into one flat buffer, a (B, numel) block per parameter (``GroupGradientCollector``), which
+is clipped per example when the backward pass ends.
 
 What keeps the guarantee honest (each is a test in ``tests/test_engine_hardening.py``):
 - a parameter used outside its own layer's forward would get an ordinary, unclipped gradient:

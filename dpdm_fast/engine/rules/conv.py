@@ -7,8 +7,9 @@ from ..autotune import batch_bucket, run_fastest
 from . import block, groups, register_rule
 
 
-# Memory cap for the unfold path's column buffer (rows x C*k*k x output pixels floats): it is a
-# candidate only where that fits, so autotuning never allocates a huge temporary.
+# Memory cap for the unfold path's column buffer (rows x C*k*k x output pixels floats) and the rows
+# path's per-row gradients (rows x weight size): each is a candidate only where its temporary fits,
+# so autotuning never allocates a huge one.
 UNFOLD_MAX_BYTES = 256 * 2**20
 
 
@@ -24,9 +25,11 @@ def _check_conv(module: nn.Conv2d) -> None:
 def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
     """Per-group weight gradients with the sum over K inside the convolution or GEMM.
 
-    Three exact paths, none materialising per-row gradients; the fastest for the shape is chosen by
-    a one-time measurement (``engine/autotune.py``): one grouped-convolution weight gradient,
-    a loop of ordinary weight gradients over each example's K rows, or unfold + one batched GEMM.
+    Exact paths, the fastest for the shape chosen by a one-time measurement (``engine/autotune.py``):
+    one grouped-convolution weight gradient (the K rows of an example are its batch), a loop of
+    ordinary weight gradients over each example's K rows, unfold + one batched GEMM, and (K > 1,
+    small weights) per-row gradients by one grouped call without transposing the activations, then
+    summed over each example's K rows.
     """
     x = inputs[0]
     B = x.shape[0] // K
@@ -44,6 +47,8 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int, out: 
         if module.groups == 1 and x.shape[0] * shape[1] * shape[2] * shape[3] * g.shape[2] * g.shape[3] * 4 \
                 <= UNFOLD_MAX_BYTES:
             candidates["unfold"] = lambda: _unfold(x, g, shape, K, w_out, **kw)
+        if K > 1 and x.shape[0] * shape.numel() * 4 <= UNFOLD_MAX_BYTES:
+            candidates["rows"] = lambda: _rows(x, g, shape, K, w_out, **kw)
         key = (x.device.type, x.dtype, batch_bucket(B), K, tuple(x.shape[1:]), tuple(g.shape[1:]), tuple(shape),
                tuple(kw["stride"]), tuple(padding), tuple(kw["dilation"]), module.groups)
         res["weight"] = run_fastest("conv2d", key, candidates, x.device)
@@ -94,3 +99,14 @@ def _unfold(x, g, shape, K, w, stride, padding, dilation, groups):
     cols = cols.reshape(B, K, -1, L).transpose(1, 2).reshape(B, -1, K * L)               # (B, C*kh*kw, K*L)
     gl = g.reshape(B, K, O, L).transpose(1, 2).reshape(B, O, K * L)                       # (B, O, K*L)
     return torch.bmm(gl, cols.transpose(1, 2), out=None if w is None else w.view(B, O, -1)).view(B, *shape)
+
+
+def _rows(x, g, shape, K, w, stride, padding, dilation, groups):
+    """One grouped call with every row its own group (views of x and g, no transposed copies as in
+    ``_grouped``), then the sum over each example's K rows: B*K weight-sized temporaries, which for
+    3x3 kernels on large maps is less memory traffic than transposing the activations."""
+    N, C, O = x.shape[0], x.shape[1], g.shape[1]
+    per_row = torch.nn.grad.conv2d_weight(x.reshape(1, N * C, *x.shape[2:]), (N * O, C // groups, *shape[2:]),
+                                          g.reshape(1, N * O, *g.shape[2:]), stride=stride, padding=padding,
+                                          dilation=dilation, groups=N * groups)
+    return torch.sum(per_row.view(N // K, K, *shape), dim=1, out=w)
