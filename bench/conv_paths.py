@@ -1,9 +1,9 @@
 """Issue 8, item 2: is the Conv2d path the autotuner keeps the fastest one, layer by layer?
 
 For each (workload, B, K) cell: one dpdm_fast step records every Conv2d call's shapes and the path the
-autotuner chose for it; then each distinct shape's paths (grouped, loop, unfold where it fits) are
-timed again in isolation (min of 3 after a warm-up, paths interleaved), and the chosen path's time is
-compared with the fastest one's. The ordinary weight gradient (what non-private training computes
+autotuner chose for it; then each distinct shape's paths (grouped, loop, unfold and rows, where each
+is a candidate) are timed again in isolation (min of 3 after a warm-up), and the chosen path's time
+is compared with the fastest one's. The ordinary weight gradient (what non-private training computes
 for the whole batch) is timed beside them for scale. A path more than 4x slower than the fastest at
 warm-up is reported as such without further timing, as the autotuner does.
 
@@ -78,15 +78,21 @@ def main() -> None:
             worst, tot_chosen, tot_best, tot_plain, used = 1.0, 0.0, 0.0, 0.0, Counter()
             for (xs, gs, ws, stride, pad, dil, groups), n in calls.items():
                 x, g = torch.randn(xs), torch.randn(gs)
+                w = torch.zeros(B, *ws)  # like the engine's buffer block: allocated and touched already
                 kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
                 key = ("cpu", torch.float32, autotune.batch_bucket(B), K, xs[1:], gs[1:], ws, stride, pad, dil,
                        groups)
                 chosen = choices[("conv2d", key)]
                 used[chosen] += n
-                paths = {"grouped": lambda: conv_rule._grouped(x, g, ws, K, **kw),
-                         "loop": lambda: conv_rule._loop(x, g, ws, K, None, **kw)}
+                # as in the rule, each path delivers into the block (the grouped one by a copy)
+                paths = {"grouped": lambda: conv_rule._into(w, conv_rule._grouped(x, g, ws, K, **kw)),
+                         "loop": lambda: conv_rule._loop(x, g, ws, K, w, **kw)}
                 if groups == 1 and xs[0] * ws[1] * ws[2] * ws[3] * gs[2] * gs[3] * 4 <= conv_rule.UNFOLD_MAX_BYTES:
-                    paths["unfold"] = lambda: conv_rule._unfold(x, g, ws, K, None, **kw)
+                    paths["unfold"] = lambda: conv_rule._unfold(x, g, ws, K, w, **kw)
+                if K > 1 and xs[0] * torch.Size(ws).numel() * 4 <= conv_rule.UNFOLD_MAX_BYTES:
+                    paths["rows"] = lambda: conv_rule._rows(x, g, ws, K, w, **kw)
+                if chosen not in paths:
+                    raise RuntimeError(f"the rule chose {chosen!r}, which this audit does not know: add it")
                 warm = {p: _time(f, 1) for p, f in paths.items()}
                 t = {p: _time(f) for p, f in paths.items() if warm[p] <= 4 * min(warm.values()) or p == chosen}
                 fastest = min(t.values())

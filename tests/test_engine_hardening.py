@@ -6,6 +6,7 @@ clear error or be computed correctly (checked against the per-example autograd l
 """
 import collections
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -795,3 +796,16 @@ def test_rand_on_empty_is_refused():
         PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                      data_loader=DataLoader(_indexed(4), batch_size=2), noise_multiplier=1.0,
                                      max_grad_norm=1.0, rand_on_empty=True)
+
+
+def test_a_dropped_engine_frees_its_per_example_buffer():
+    """Parameter hooks are invisible to Python's cycle collector; they must not keep the engine alive."""
+    import gc
+    model = fresh(Net)
+    pm, opt = zero_noise_engine(model, 1, 1.0, 2)
+    row_losses(pm, *rows(2, 1)).mean().backward()
+    opt.step()
+    collector = weakref.ref(pm.collector)
+    del pm, opt, model
+    gc.collect()
+    assert collector() is None

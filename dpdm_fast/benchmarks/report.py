@@ -113,6 +113,9 @@ def plot(result: dict, path: Path) -> Path | None:
             xs = [j + (i - (len(engines) - 1) / 2) * width for j in range(len(keys))]
             ys = [by.get((B, K, e), {}).get("x_nonprivate") for B, K in keys]
             ax.bar([x for x, y in zip(xs, ys) if y], [y for y in ys if y], width, label=e)
+            for x, y in zip(xs, ys):
+                if y:
+                    ax.text(x, y + 0.02, f"{y:.2f}", rotation=90, ha="center", va="bottom", fontsize=6)
             top = max([top] + [y for y in ys if y])
             for x, (B, K), y in zip(xs, keys, ys):
                 if not y:
@@ -123,7 +126,7 @@ def plot(result: dict, path: Path) -> Path | None:
         ax.axhline(1.25, color="red", lw=0.8, ls="--", label="1.25x")
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([f"B={B}\nK={K}" for B, K in keys], fontsize=7)
-        ax.set_ylim(0, min(top * 1.05, 6))
+        ax.set_ylim(0, min(top * 1.12, 6))
         ax.set_ylabel("DP step / non-private step")
         ax.set_title(f"{w}: cost of privacy per engine (lower is better; 1 = non-private)")
         ax.legend(fontsize=7)

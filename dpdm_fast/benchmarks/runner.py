@@ -49,7 +49,7 @@ class Budget:
             return None  # a GPU out-of-memory raises, and is reported as such by the timing itself
         need = self._memory_estimate(workload, engine, B, K, params)
         have = _available_bytes()
-        if need is not None and have is not None and need > 0.85 * have:
+        if need is not None and have is not None and need > 0.9 * have:
             return (f"out of memory: not run (~{need / 2**30:.1f} GiB estimated, "
                     f"{have / 2**30:.1f} GiB available)")
         return None

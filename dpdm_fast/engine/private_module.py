@@ -19,6 +19,9 @@ What keeps the guarantee honest (each is a test in ``tests/test_engine_hardening
 """
 from __future__ import annotations
 
+import weakref
+from functools import partial
+
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
@@ -77,8 +80,13 @@ class PrivateModule(nn.Module):
         self._buffer_versions: dict | None = None
         self._handles.append(module.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True))
         self._handles.append(module.register_forward_hook(self._exit, always_call=True))
+        # The hook holds the module weakly: a tensor's hooks are invisible to Python's cycle collector,
+        # so a strong reference (parameter -> hook -> this module -> model -> parameter) would keep the
+        # module and its per-example buffer alive after the user dropped both (measured: 316 MiB kept
+        # per discarded engine at B=256 on the small net).
+        owner = weakref.ref(self)
         for p in self.trainable:
-            self._handles.append(p.register_post_accumulate_grad_hook(self._ordinary_gradient))
+            self._handles.append(p.register_post_accumulate_grad_hook(partial(_refuse_ordinary_gradient, owner)))
 
     @property
     def noise_multiplicity(self) -> int:
@@ -169,7 +177,7 @@ class PrivateModule(nn.Module):
         active = frozenset(id(p) for p in self.trainable if p.requires_grad)
         self.collector.set_active(active, self._names)
 
-    def _ordinary_gradient(self, p: torch.Tensor) -> None:
+    def _ordinary_gradient(self, p: torch.Tensor) -> None:  # (via _refuse_ordinary_gradient)
         p.grad = None  # never leave an unclipped gradient behind
         raise RuntimeError(f"parameter {self._names.get(id(p), '?')!r} received an ordinary (unclipped) gradient: "
                            "it is used outside the forward of the module that owns it (e.g. F.linear(x, "
@@ -207,3 +215,9 @@ class PrivateModule(nn.Module):
             if item == "_module":
                 raise
             return getattr(self._module, item)
+
+
+def _refuse_ordinary_gradient(owner: "weakref.ref[PrivateModule]", p: torch.Tensor) -> None:
+    module = owner()
+    if module is not None:
+        module._ordinary_gradient(p)
