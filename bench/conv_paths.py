@@ -78,19 +78,19 @@ def main() -> None:
             worst, tot_chosen, tot_best, tot_plain, used = 1.0, 0.0, 0.0, 0.0, Counter()
             for (xs, gs, ws, stride, pad, dil, groups), n in calls.items():
                 x, g = torch.randn(xs), torch.randn(gs)
-                w = torch.zeros(B, *ws)  # like the engine's buffer block: allocated and touched already
+                out = torch.zeros(B, *ws)  # like the engine's buffer block: allocated and touched already
                 kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
                 key = ("cpu", torch.float32, autotune.batch_bucket(B), K, xs[1:], gs[1:], ws, stride, pad, dil,
                        groups)
                 chosen = choices[("conv2d", key)]
                 used[chosen] += n
                 # as in the rule, each path delivers into the block (the grouped one by a copy)
-                paths = {"grouped": lambda: conv_rule._into(w, conv_rule._grouped(x, g, ws, K, **kw)),
-                         "loop": lambda: conv_rule._loop(x, g, ws, K, w, **kw)}
+                paths = {"grouped": lambda: conv_rule._into(out, conv_rule._grouped(x, g, ws, K, **kw)),
+                         "loop": lambda: conv_rule._loop(x, g, ws, K, out, **kw)}
                 if groups == 1 and xs[0] * ws[1] * ws[2] * ws[3] * gs[2] * gs[3] * 4 <= conv_rule.UNFOLD_MAX_BYTES:
-                    paths["unfold"] = lambda: conv_rule._unfold(x, g, ws, K, w, **kw)
+                    paths["unfold"] = lambda: conv_rule._unfold(x, g, ws, K, out, **kw)
                 if K > 1 and xs[0] * torch.Size(ws).numel() * 4 <= conv_rule.UNFOLD_MAX_BYTES:
-                    paths["rows"] = lambda: conv_rule._rows(x, g, ws, K, w, **kw)
+                    paths["rows"] = lambda: conv_rule._rows(x, g, ws, K, out, **kw)
                 if chosen not in paths:
                     raise RuntimeError(f"the rule chose {chosen!r}, which this audit does not know: add it")
                 warm = {p: _time(f, 1) for p, f in paths.items()}

@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..autotune import batch_bucket, run_fastest
+from ..collector import profile_scope
 from . import block, groups, register_rule
 
 
@@ -73,7 +74,10 @@ def _explicit_padding(module: nn.Conv2d) -> tuple:
 
 
 def _into(w: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
-    return t if w is None else w.copy_(t)
+    if w is None:
+        return t
+    with profile_scope("dpdm_fast.buffer_copy"):  # counted with the engine's other copies
+        return w.copy_(t)
 
 
 def _grouped(x, g, shape, K, stride, padding, dilation, groups):
