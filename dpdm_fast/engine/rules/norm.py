@@ -16,7 +16,7 @@ def _group_norm_stats(module: nn.GroupNorm, args: tuple, output: torch.Tensor):
         if fn._saved_group != module.num_groups or fn._saved_eps != module.eps or fn._saved_N != output.shape[0]:
             return None
         return fn._saved_result1, fn._saved_result2
-    except RuntimeError:  # saved tensors not readable here (e.g. under a saved-tensor hook)
+    except (RuntimeError, AttributeError):  # not readable here (a saved-tensor hook), or another torch
         return None
 
 
