@@ -119,7 +119,7 @@ class GroupGradientCollector:
 
     def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
         """Take param's per-group gradients (in its ``target`` block already, or copied there) and
-        add their squared norms to the examples' running totals while the block is still in cache."""
+        record each example's norm of them in the norm table while the block is still in cache."""
         expected = (self._B, *param.shape)
         if tuple(per_group.shape) != expected:
             raise RuntimeError(f"the per-group gradient of {name} has shape {tuple(per_group.shape)}, expected "
