@@ -80,17 +80,9 @@ def main() -> None:
                 x, g = torch.randn(xs), torch.randn(gs)
                 out = torch.zeros(B, *ws)  # like the engine's buffer block: allocated and touched already
                 kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
-                key = ("cpu", torch.float32, autotune.batch_bucket(B), K, xs[1:], gs[1:], ws, stride, pad, dil,
-                       groups)
-                chosen = choices[("conv2d", key)]
+                chosen = choices[("conv2d", conv_rule.path_key(x, g, torch.Size(ws), K, **kw))]
                 used[chosen] += n
-                # as in the rule, each path delivers into the block (the grouped one by a copy)
-                paths = {"grouped": lambda: conv_rule._into(out, conv_rule._grouped(x, g, ws, K, **kw)),
-                         "loop": lambda: conv_rule._loop(x, g, ws, K, out, **kw)}
-                if groups == 1 and xs[0] * ws[1] * ws[2] * ws[3] * gs[2] * gs[3] * 4 <= conv_rule.UNFOLD_MAX_BYTES:
-                    paths["unfold"] = lambda: conv_rule._unfold(x, g, ws, K, out, **kw)
-                if K > 1 and xs[0] * torch.Size(ws).numel() * 4 <= conv_rule.UNFOLD_MAX_BYTES:
-                    paths["rows"] = lambda: conv_rule._rows(x, g, ws, K, out, **kw)
+                paths = conv_rule.weight_paths(x, g, torch.Size(ws), K, out, **kw)  # exactly the rule's candidates
                 if chosen not in paths:
                     raise RuntimeError(f"the rule chose {chosen!r}, which this audit does not know: add it")
                 warm = {p: _time(f, 1) for p, f in paths.items()}

@@ -133,9 +133,8 @@ class GroupGradientCollector:
         if not _same_memory(per_group, block):
             with profile_scope("dpdm_fast.buffer_copy"):
                 block.copy_(per_group)
-        if self._B:
-            with profile_scope("dpdm_fast.norms"):
-                self.backend.norms(block.view(self._B, -1), out=self._norm_rows[id(param)])
+        with profile_scope("dpdm_fast.norms"):
+            self.backend.norms(block.view(self._B, param.numel()), out=self._norm_rows[id(param)])
 
     def _end_of_backward(self) -> None:
         B, self._B = self._B, None
@@ -146,7 +145,7 @@ class GroupGradientCollector:
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
         # the norm of each example's per-parameter norms is its whole gradient's norm
-        norms = self.backend.norms(self._norm_table.t()) * scale if B else self._norm_table.new_zeros(0)
+        norms = self.backend.norms(self._norm_table.t()) * scale
         if not torch.isfinite(norms).all():
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
@@ -154,8 +153,8 @@ class GroupGradientCollector:
         factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
         with profile_scope("dpdm_fast.clip_sum"):
             for p in self.layout.params:
-                if id(p) in written and B:
-                    self.backend.weighted_sum(self._blocks[id(p)].view(B, -1), factors, self._flat_sum[id(p)])
+                if id(p) in written:
+                    self.backend.weighted_sum(self._blocks[id(p)].view(B, p.numel()), factors, self._flat_sum[id(p)])
         self.last_norms = norms
         self.num_examples += B
         self.backward_calls += 1

@@ -36,28 +36,37 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int, out: 
     B = x.shape[0] // K
     res = {}
     gg = groups(g, K)                                                        # (B, K, O, Ho, Wo)
-    w_out = block(out, "weight")
     if module.weight.requires_grad and B == 0:
         res["weight"] = x.new_zeros(0, *module.weight.shape)
     elif module.weight.requires_grad:
         padding = module.padding if not isinstance(module.padding, str) else _explicit_padding(module)
         kw = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
         shape = module.weight.shape
-        # every candidate delivers into the buffer block (grouped by a copy), so the autotune times
-        # what each path really costs in the step
-        candidates = {"grouped": lambda: _into(w_out, _grouped(x, g, shape, K, **kw)),
-                      "loop": lambda: _loop(x, g, shape, K, w_out, **kw)}
-        if module.groups == 1 and x.shape[0] * shape[1] * shape[2] * shape[3] * g.shape[2] * g.shape[3] * 4 \
-                <= UNFOLD_MAX_BYTES:
-            candidates["unfold"] = lambda: _unfold(x, g, shape, K, w_out, **kw)
-        if K > 1 and x.shape[0] * shape.numel() * 4 <= UNFOLD_MAX_BYTES:
-            candidates["rows"] = lambda: _rows(x, g, shape, K, w_out, **kw)
-        key = (x.device.type, x.dtype, batch_bucket(B), K, tuple(x.shape[1:]), tuple(g.shape[1:]), tuple(shape),
-               tuple(kw["stride"]), tuple(padding), tuple(kw["dilation"]), module.groups)
-        res["weight"] = run_fastest("conv2d", key, candidates, x.device)
+        paths = weight_paths(x, g, shape, K, block(out, "weight"), **kw)
+        res["weight"] = run_fastest("conv2d", path_key(x, g, shape, K, **kw), paths, x.device)
     if module.bias is not None and module.bias.requires_grad:
         res["bias"] = torch.sum(gg, dim=(1, 3, 4), out=block(out, "bias"))
     return res
+
+
+def weight_paths(x, g, shape, K, w, stride, padding, dilation, groups) -> dict:
+    """The exact paths for this call, {name: () -> (B, *shape) per-group weight gradients}. Every one
+    delivers into the buffer block w (the grouped one by a copy), so that the autotune times what
+    each path really costs in the step."""
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    paths = {"grouped": lambda: _into(w, _grouped(x, g, shape, K, **kw)),
+             "loop": lambda: _loop(x, g, shape, K, w, **kw)}
+    if groups == 1 and x.shape[0] * shape[1] * shape[2] * shape[3] * g.shape[2] * g.shape[3] * 4 <= UNFOLD_MAX_BYTES:
+        paths["unfold"] = lambda: _unfold(x, g, shape, K, w, **kw)
+    if K > 1 and x.shape[0] * shape.numel() * 4 <= UNFOLD_MAX_BYTES:
+        paths["rows"] = lambda: _rows(x, g, shape, K, w, **kw)
+    return paths
+
+
+def path_key(x, g, shape, K, stride, padding, dilation, groups) -> tuple:
+    """The autotune's cache key: the shapes and options that decide which path is fastest."""
+    return (x.device.type, x.dtype, batch_bucket(x.shape[0] // K), K, tuple(x.shape[1:]), tuple(g.shape[1:]),
+            tuple(shape), tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
 def _explicit_padding(module: nn.Conv2d) -> tuple:
