@@ -34,6 +34,44 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) a DPDM run of a config; exit status 130 / 143 after a SIGINT / SIGTERM stop."""
+    from .config import load_config
+    from .training import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, args.workdir or cfg.setup.workdir, resume=args.resume, max_steps=args.max_steps,
+                   amp=args.amp, device=args.device, progress=not args.no_progress)
+    return {None: 0, "SIGINT": 130, "SIGTERM": 143}[result.interrupted]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Samples of a checkpoint (EMA weights) to an .npz of uint8 images and int64 labels, plus a grid PNG."""
+    import time
+
+    from .generate import generate, load_for_sampling, sample_labels, sampler_settings, write_samples
+    from .training.loop import resolve_device
+
+    device = resolve_device(args.device)
+    model, cfg = load_for_sampling(args.checkpoint, args.config, args.overrides, use_ema=not args.no_ema, device=device)
+    options = sampler_settings(cfg)
+    if args.sampler is not None and args.sampler != options["type"]:
+        options = {k: v for k, v in options.items() if k in ("num_steps", "tmin", "tmax", "rho", "guid_scale")}
+        options["type"] = args.sampler
+    if args.steps is not None:
+        options["num_steps"] = args.steps
+    if args.guidance is not None:
+        options["guid_scale"] = args.guidance
+    labels = sample_labels(args.n, args.labels, cfg.data.n_classes)
+    start = time.perf_counter()
+    images = generate(model, cfg, args.n, labels, seed=args.seed, batch_size=args.batch, sampler_options=options,
+                      device=device, progress=not args.no_progress)
+    npz, png = write_samples(images, labels, args.out)
+    print(f"wrote {args.n} samples to {npz} and a grid to {png} ({options['type']} sampler, "
+          f"{options['num_steps']} steps, guidance {options['guid_scale']:g}, {time.perf_counter() - start:.0f} s on {device})")
+    return 0
+
+
 def _grid(text: str) -> list[tuple[int, int]]:
     if text == "full":
         from .benchmarks.runner import FULL_GRID
@@ -79,6 +117,33 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("config", help="YAML config, e.g. configs/mnist_28/train_eps_10.0.yaml")
     info.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     info.set_defaults(func=cmd_info)
+    tr = sub.add_parser("train", help="train a differentially private diffusion model from a config")
+    tr.add_argument("config", help="YAML config, e.g. configs/mnist_28/quick_cpu.yaml")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    tr.add_argument("--workdir", default=None, help="where checkpoints, samples and metrics go (default setup.workdir)")
+    tr.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in the workdir")
+    tr.add_argument("--max-steps", type=int, default=None,
+                    help="stop with a checkpoint after this step of the full schedule (resume later with --resume)")
+    tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass")
+    tr.add_argument("--device", default=None, help="cuda when present, else cpu")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=cmd_train)
+    sa = sub.add_parser("sample", help="draw samples from a checkpoint into an .npz (+ a grid PNG)")
+    sa.add_argument("checkpoint", help="WORKDIR/checkpoint.pt, or a checkpoint of the original DPDM release")
+    sa.add_argument("--config", default=None, help="the config of a DPDM-release checkpoint (ours carry theirs)")
+    sa.add_argument("overrides", nargs="*", help="key.sub=value overrides (e.g. sampler.s_churn=100)")
+    sa.add_argument("--n", type=int, default=60000)
+    sa.add_argument("--sampler", choices=("ddim", "edm"), default=None, help="default: the config's sampler.type")
+    sa.add_argument("--steps", type=int, default=None, help="default: the config's sampler.num_steps")
+    sa.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w")
+    sa.add_argument("--labels", default="all", help="'all' (balanced over the classes) or a class index")
+    sa.add_argument("--batch", type=int, default=500)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--out", default="samples.npz")
+    sa.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    sa.add_argument("--device", default=None)
+    sa.add_argument("--no-progress", action="store_true")
+    sa.set_defaults(func=cmd_sample)
     bench = sub.add_parser("bench", help="benchmark every DP engine side by side (quick CPU grid by default)")
     bench.add_argument("--engines", default="nonprivate,dpdm_fast,opacus_kavg,opacus_ghost,functorch")
     bench.add_argument("--workloads", default="mnist", help="comma list of: mnist, small, celeba")
@@ -102,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .training.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
+    except (FileNotFoundError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
         print(f"dpdm-fast: error: {e}", file=sys.stderr)
         return 2
 

@@ -154,6 +154,9 @@ class DPConfig:
     accountant: str = "rdp"
     secure_mode: bool = False
     backend: str = "auto"
+    # false: every per-group gradient takes its reference path instead of the fastest measured one, so
+    # two runs with the same seed agree bitwise (slower where another path would have won)
+    autotune: bool = True
 
 
 @dataclass
@@ -199,8 +202,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = OmegaConf.structured(Config)
     if path is not None:
         cfg = _merge(cfg, OmegaConf.load(path), str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``key.sub=value`` overrides on a loaded config, each checked against the schema."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
     return cfg
+
+
+def config_from_dict(tree: dict, origin: str = "checkpoint") -> DictConfig:
+    """A resolved config saved as a plain dict (e.g. in a checkpoint), validated against the schema."""
+    return _merge(OmegaConf.structured(Config), OmegaConf.create(tree), origin)
+
+
+def to_plain(cfg: DictConfig) -> dict:
+    """The resolved config as plain Python containers (for checkpoints and comparisons)."""
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -75,7 +75,8 @@ class DiffusionLoss:
             raise ValueError(f"{clean.shape[0]} rows is not a multiple of K={K}")
         pred = denoiser(clean + sigma * noise, sigma, y_rows)
         row_loss = self.weight(sigma) * (pred - clean) ** 2
-        return row_loss.reshape(clean.shape[0] // K, -1).mean(dim=1)
+        per_group = K * math.prod(row_loss.shape[1:])   # explicit, so that an empty batch reshapes too
+        return row_loss.reshape(clean.shape[0] // K, per_group).mean(dim=1)
 
 
 class EDMLoss(DiffusionLoss):

@@ -23,6 +23,7 @@ TIMED_ROUNDS = 2
 PRUNE_FACTOR = 4.0
 _CHOICES: Dict[Hashable, str] = {}
 _FORCED: Dict[str, str] = {}
+_FIXED = [False]   # inside ``fixed()``: first candidate, no timing (reproducible across runs)
 
 
 def batch_bucket(n: int) -> int:
@@ -44,6 +45,8 @@ def run_fastest(rule: str, key: Hashable, candidates: Dict[str, Callable[[], tor
             raise ValueError(f"path {_FORCED[rule]!r} is not available for this {rule} call (candidates: "
                              f"{sorted(candidates)})")
         return candidates[_FORCED[rule]]()
+    if _FIXED[0]:
+        return next(iter(candidates.values()))()
     name = _CHOICES.get((rule, key))
     if name is not None and name in candidates:
         return candidates[name]()
@@ -88,5 +91,46 @@ def force_path(rule: str, path: str) -> Iterator[None]:
             _FORCED[rule] = previous
 
 
+@contextlib.contextmanager
+def fixed() -> Iterator[None]:
+    """Every rule takes its first (reference) path without timing: results then do not depend on which path
+    happened to be fastest on this machine, so two runs with the same seeds agree bitwise (as
+    ``torch.backends.cudnn.benchmark = False``). Slower where another path would have won."""
+    previous, _FIXED[0] = _FIXED[0], True
+    try:
+        yield
+    finally:
+        _FIXED[0] = previous
+
+
 def clear_cache() -> None:
     _CHOICES.clear()
+
+
+def _portable(value):
+    """A cache key with dtypes as strings, so a checkpoint holding it loads with ``weights_only=True``."""
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, tuple):
+        return tuple(_portable(v) for v in value)
+    return value
+
+
+def _restored(value):
+    if isinstance(value, str) and value.startswith("torch.") and isinstance(getattr(torch, value[6:], None), torch.dtype):
+        return getattr(torch, value[6:])
+    if isinstance(value, tuple):
+        return tuple(_restored(v) for v in value)
+    return value
+
+
+def state_dict() -> list:
+    """The cached choices as [(rule, key, path)] (for a training checkpoint: a resumed run then takes the
+    same paths, so it continues bitwise as the uninterrupted run would have)."""
+    return [(rule, _portable(key), path) for (rule, key), path in _CHOICES.items()]
+
+
+def load_state_dict(state: list) -> None:
+    """Adopt saved choices (they override what this process measured for the same keys)."""
+    for rule, key, path in state:
+        _CHOICES[(rule, _restored(tuple(key) if isinstance(key, list) else key))] = path

@@ -1,0 +1,334 @@
+"""DPDM training: data -> loss with K rows per example -> DP engine -> Adam -> EMA -> checkpoint.
+
+``train(cfg, workdir)`` runs (or resumes) one run of a config: the privacy plan is fixed before
+the first step (sigma calibrated for the whole schedule), every step is a Poisson batch split into
+physical batches of whole examples, and the latest checkpoint always sits at
+``WORKDIR/checkpoint.pt``. A resumed run continues exactly: the Poisson sampler's, the loss's and
+the noise's generators, the accountant's ledger and the engine's autotune choices are all restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+import dpdm_fast
+
+from ..config import to_plain
+from ..data import build_dataset
+from ..diffusion import build_loss
+from ..engine import BatchMemoryManager, autotune
+from ..generate import build_model, generate, no_label_token, sampler_settings
+from ..imaging import save_grid
+from . import checkpoint as ckpt
+from .ema import EMA
+from .monitor import Monitor, StepStats, plot_curves
+from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
+
+CHECKPOINT = "checkpoint.pt"
+SNAPSHOT_NOISE_SEED = 12345   # snapshot grids start from the same noise at every snapshot (and in every run)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epsilon: float
+    wall_s: float
+    finished: bool          # the whole schedule (or the whole budget) is done
+    interrupted: str | None  # the signal that stopped the run early, if any
+    checkpoint: Path
+
+
+class _Interrupt:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, writes a checkpoint and returns.
+    A second signal of the same kind falls back to the default action (e.g. Ctrl-C twice aborts)."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread: no handlers, no clean stop
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _seeds(seed: int) -> dict[str, int]:
+    """Independent seeds for the network's initialisation, the Poisson sampler, the loss and the noise."""
+    names = ("init", "poisson", "loss", "noise")
+    return dict(zip(names, (int(s) for s in np.random.SeedSequence(seed).generate_state(len(names)))))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build sees no CUDA device")
+    return dev
+
+
+def _check_writable(workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{id(workdir)}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ckpt.CheckpointError(f"the workdir {workdir} is not writable ({e.strerror or e}): choose another "
+                                   "--workdir or fix its permissions") from None
+
+
+def _optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    name = cfg.optim.optimizer
+    choices = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
+    if name not in choices:
+        raise ValueError(f"optim.optimizer={name!r}: choose one of {sorted(choices)}")
+    return choices[name](params, lr=cfg.optim.params.lr, weight_decay=cfg.optim.params.weight_decay)
+
+
+class Trainer:
+    """One training run of a config in a workdir (see module docstring). ``run()`` trains."""
+
+    def __init__(self, cfg: DictConfig, workdir: str | Path, *, resume: bool = False, max_steps: int | None = None,
+                 amp: bool = False, device: str | None = None, progress: bool = True):
+        self.cfg, self.workdir = cfg, Path(workdir)
+        self.device = resolve_device(device)
+        self.amp, self.progress, self.max_steps = amp, progress, max_steps
+        self.config_tree = to_plain(cfg)
+        _check_writable(self.workdir)
+        self.ckpt_path = self.workdir / CHECKPOINT
+        saved = self._existing_checkpoint(resume)
+
+        self.dataset = build_dataset(cfg.data.name, cfg.data.path) if cfg.data.path else None
+        if self.dataset is None:
+            raise ValueError("data.path is not set: point it at the dataset folder (e.g. data.path=../shared/data/mnist)")
+        dp = cfg.dp
+        self.plan: PrivacyPlan = plan_privacy(n_examples=len(self.dataset), batch_size=cfg.train.batch_size,
+                                              n_epochs=cfg.train.n_epochs, epsilon=dp.epsilon, delta=dp.delta,
+                                              max_grad_norm=dp.max_grad_norm, accountant=dp.accountant)
+        if max_steps is not None and not 1 <= max_steps <= self.plan.total_steps:
+            raise ValueError(f"--max-steps {max_steps}: the schedule has {self.plan.total_steps} steps "
+                             f"({cfg.train.n_epochs} epochs of {self.plan.steps_per_epoch})")
+        self._build(saved)
+
+    # -- setup --------------------------------------------------------------------------------
+    def _existing_checkpoint(self, resume: bool) -> dict | None:
+        exists = self.ckpt_path.exists()
+        if not resume:
+            if exists:
+                state = ckpt.load(self.ckpt_path)
+                diffs = ckpt.config_differences(state.get("config", {}), self.config_tree)
+                what = (f"a different run (config differs in: {'; '.join(diffs[:4])})" if diffs
+                        else f"this run, at step {state.get('step')}")
+                raise ckpt.CheckpointError(f"{self.workdir} already holds {what}. Pass --resume to continue it, or "
+                                           "choose another --workdir for a new run")
+            return None
+        if not exists:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
+        state = ckpt.load(self.ckpt_path, map_location="cpu")
+        ckpt.check_training_checkpoint(state, self.ckpt_path, self.config_tree)
+        return state
+
+    def _build(self, saved: dict | None) -> None:
+        from ..engine.privacy_engine import PrivacyEngine
+
+        cfg, device, plan = self.cfg, self.device, self.plan
+        seeds = _seeds(cfg.train.seed)
+        torch.manual_seed(seeds["init"])
+        self.model = build_model(cfg).to(device)
+        self.network = self.model.model
+        self.loss_fn = build_loss(**cfg.loss)
+        self.labelled = bool(cfg.data.n_classes)
+        optimizer = _optimizer(cfg, self.model.parameters())
+
+        self.poisson_gen = torch.Generator().manual_seed(seeds["poisson"])
+        self.loss_gen = torch.Generator(device=device).manual_seed(seeds["loss"])
+        self.noise_gen = None if cfg.dp.secure_mode else torch.Generator(device=device).manual_seed(seeds["noise"])
+        # The loader reads in the main process (num_workers=0): the datasets are held in memory, and a
+        # worker prefetching ahead would advance the Poisson sampler past the checkpointed step.
+        loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, shuffle=True, generator=self.poisson_gen)
+        with warnings.catch_warnings():   # its secure-RNG advice is printed with the plan instead
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            self.engine = PrivacyEngine(accountant=cfg.dp.accountant, secure_mode=cfg.dp.secure_mode)
+        self.private, self.optimizer, self.loader = self.engine.make_private(
+            module=self.model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm, noise_multiplicity=cfg.loss.n_noise_samples,
+            noise_generator=self.noise_gen, backend=cfg.dp.backend)
+        if self.loader.sample_rate != plan.sample_rate:   # the accountant is told exactly the sampler's rate
+            raise RuntimeError(f"internal: loader samples at {self.loader.sample_rate}, plan says {plan.sample_rate}")
+        self.ema = EMA(self.network, cfg.model.ema_rate)
+        self.step, self.wall_before = 0, 0.0
+        if saved is not None:
+            self._restore(saved)
+
+    def _restore(self, state: dict) -> None:
+        plan = self.plan
+        saved_plan = state["privacy"]["plan"]
+        if saved_plan["noise_multiplier"] != plan.noise_multiplier or saved_plan["sample_rate"] != plan.sample_rate:
+            raise ckpt.CheckpointError(f"{self.ckpt_path}: its run used sigma={saved_plan['noise_multiplier']} at "
+                                       f"q={saved_plan['sample_rate']}, this one computes sigma={plan.noise_multiplier} "
+                                       f"at q={plan.sample_rate} (different dataset size or Opacus version?): resuming "
+                                       "would break the privacy calibration")
+        step = int(state["step"])
+        if step >= plan.budget_steps:
+            raise ckpt.CheckpointError(f"{self.ckpt_path}: the run is complete ({step} of {plan.total_steps} steps, "
+                                       f"eps={plan.epsilon_after(step):.4f} of {plan.target_epsilon:g} spent); nothing "
+                                       "to resume. Sample from it with `dpdm-fast sample`")
+        if self.max_steps is not None and self.max_steps <= step:
+            raise ValueError(f"--max-steps {self.max_steps}: the checkpoint is already at step {step}")
+        ckpt.load_network_weights(self.network, state["model"])
+        self.ema.load_state_dict(state["ema"], state["ema_num_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state["privacy"]["engine"])
+        if self.engine.steps != step:
+            raise ckpt.CheckpointError(f"{self.ckpt_path}: the ledger holds {self.engine.steps} steps but the checkpoint "
+                                       f"is at step {step}: the checkpoint is inconsistent")
+        rng = state["rng"]
+        self.poisson_gen.set_state(rng["poisson"])
+        self.loss_gen.set_state(rng["loss"])
+        if self.noise_gen is not None and rng.get("noise") is not None:
+            self.noise_gen.set_state(rng["noise"])
+        torch.set_rng_state(rng["torch"])
+        autotune.load_state_dict(state.get("autotune", []))
+        self.step, self.wall_before = step, float(state.get("wall_s", 0.0))
+
+    def _epsilon(self) -> float:
+        with quiet_accountant():
+            return self.engine.get_epsilon(self.plan.delta)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self, wall_s: float) -> dict:
+        return {
+            "format": ckpt.FORMAT, "version": dpdm_fast.__version__, "step": self.step, "config": self.config_tree,
+            "model": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
+            "ema": {k: v.cpu() for k, v in self.ema.state_dict().items()}, "ema_num_updates": self.ema.num_updates,
+            "optimizer": self.optimizer.state_dict(),
+            "privacy": {"engine": self.engine.state_dict(), "plan": self.plan.as_dict(),
+                        "epsilon": self._epsilon()},
+            "rng": {"poisson": self.poisson_gen.get_state(), "loss": self.loss_gen.get_state(),
+                    "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
+                    "torch": torch.get_rng_state()},
+            "autotune": autotune.state_dict(), "wall_s": wall_s,
+        }
+
+    def save(self, wall_s: float, numbered: bool = False) -> Path:
+        state = self.state_dict(wall_s)
+        path = ckpt.save_atomic(state, self.ckpt_path)
+        if numbered:
+            ckpt.save_atomic(state, self.workdir / "checkpoints" / f"step_{self.step:07d}.pt")
+        return path
+
+    # -- snapshots ----------------------------------------------------------------------------
+    def snapshot(self, name: str) -> Path:
+        """A grid of EMA samples from fixed noise: one row per class (8 x 8 when unconditional)."""
+        model = build_model(self.cfg).to(self.device)
+        model.model.load_state_dict(self.ema.state_dict())
+        model.eval()
+        n_classes = self.cfg.data.n_classes
+        per_row = 10 if n_classes else 8
+        labels = torch.arange(n_classes).repeat_interleave(per_row) if n_classes else None
+        n = len(labels) if labels is not None else 64
+        images = generate(model, self.cfg, n, labels, seed=SNAPSHOT_NOISE_SEED, batch_size=n,
+                          device=self.device, progress=False)
+        return save_grid(images, self.workdir / "samples" / f"{name}.png", nrow=per_row, scale=2)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _physical_batch(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats) -> None:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True) if self.labelled else None
+        with self._autocast():
+            losses = self.loss_fn(self.private, x, y, generator=self.loss_gen)
+        losses.float().mean().backward() if len(x) else losses.sum().backward()
+        norms = self.private.collector.last_norms
+        clipped = int((norms > self.plan.max_grad_norm).sum()) if norms is not None and len(x) else 0
+        stats.add_batch(float(losses.detach().float().sum()), len(x),
+                        float(norms.sum()) if norms is not None and len(x) else 0.0, clipped)
+
+    def run(self) -> TrainResult:
+        cfg, plan = self.cfg, self.plan
+        stop_at = min(plan.budget_steps, self.max_steps or plan.total_steps)
+        out = Monitor(self.workdir, plan.total_steps, self.step, plan.steps_per_epoch, progress=self.progress)
+        out.write(plan.describe())
+        out.write(f"K={cfg.loss.n_noise_samples} noise samples per example, physical batches of at most "
+                  f"{cfg.dp.max_physical_batch_size} examples, device {self.device}"
+                  + (", bf16 autocast" if self.amp else "") + (f"; resuming at step {self.step}" if self.step else ""))
+        if not cfg.dp.secure_mode:
+            out.write("noise and sampling come from seeded generators (dp.secure_mode=false): reproducible, fine for "
+                      "experiments; set dp.secure_mode=true for a model you release")
+        log_freq, snap_freq, save_freq = cfg.train.log_freq, cfg.train.snapshot_freq, cfg.train.save_freq
+        ckpt_freq = max(1, min(snap_freq, save_freq))
+        tuning = contextlib.nullcontext() if cfg.dp.autotune else autotune.fixed()
+        start = time.perf_counter()
+        wall = lambda: self.wall_before + time.perf_counter() - start  # noqa: E731
+        stats = StepStats()
+        with _Interrupt() as interrupt, tuning:
+            try:
+                while self.step < stop_at and interrupt.signal is None:
+                    with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=cfg.dp.max_physical_batch_size,
+                                            optimizer=self.optimizer) as batches:
+                        for x, y in batches:
+                            before = self.engine.steps
+                            self._physical_batch(x, y, stats)
+                            self.optimizer.step()
+                            self.optimizer.zero_grad(set_to_none=True)
+                            if self.engine.steps == before:
+                                continue       # a physical batch inside a logical one: noise comes at its end
+                            self.step += 1
+                            self.ema.update(self.network)
+                            log = self.step % log_freq == 0 or self.step == stop_at or self.step == 1
+                            eps = self._epsilon() if log else None
+                            out.step(self.step, stats, log, eps, self.optimizer.param_groups[0]["lr"])
+                            stats = StepStats()
+                            if self.step % snap_freq == 0 and self.step < stop_at:
+                                self.snapshot(f"step_{self.step:07d}")
+                            if self.step % ckpt_freq == 0 and self.step < stop_at:
+                                self.save(wall(), numbered=self.step % save_freq == 0)
+                            if self.step >= stop_at or interrupt.signal is not None:
+                                break
+                self.save(wall(), numbered=self.step % save_freq == 0)
+            finally:
+                out.close()
+        finished = self.step >= plan.budget_steps
+        if finished:
+            self.snapshot("final")
+            plot_curves(self.workdir / "metrics.jsonl", self.workdir / "curves.png")
+        eps = self._epsilon()
+        if eps > plan.target_epsilon + 1e-9:   # the plan makes this impossible; say so loudly if it ever is not
+            raise RuntimeError(f"privacy budget exceeded: eps={eps} > target {plan.target_epsilon}")
+        how = (f"interrupted by {interrupt.signal}" if interrupt.signal else "finished" if finished
+               else f"stopped at --max-steps {self.max_steps}")
+        print(f"{how}: step {self.step}/{plan.total_steps}, eps={eps:.4f} at delta={plan.delta:g} "
+              f"({plan.accountant} accountant), wall {wall():.0f} s, checkpoint {self.ckpt_path}"
+              + ("" if finished else "; continue with --resume"))
+        return TrainResult(step=self.step, epsilon=eps, wall_s=wall(), finished=finished,
+                           interrupted=interrupt.signal, checkpoint=self.ckpt_path)
+
+
+def train(cfg: DictConfig, workdir: str | Path, **kwargs) -> TrainResult:
+    """Train (or with ``resume=True`` continue) the run of ``cfg`` in ``workdir``; see :class:`Trainer`."""
+    return Trainer(cfg, workdir, **kwargs).run()
