@@ -54,10 +54,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, cfg = load_for_sampling(args.checkpoint, args.config, args.overrides, use_ema=not args.no_ema, device=device)
+    if args.sampler is not None:
+        cfg.sampler.type = args.sampler     # the config's own settings for that sampler (s_churn, ...) apply
     options = sampler_settings(cfg)
-    if args.sampler is not None and args.sampler != options["type"]:
-        options = {k: v for k, v in options.items() if k in ("num_steps", "tmin", "tmax", "rho", "guid_scale")}
-        options["type"] = args.sampler
     if args.steps is not None:
         options["num_steps"] = args.steps
     if args.guidance is not None:
@@ -167,9 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .training.checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # key=value overrides may also come after the options (argparse stops collecting positionals there)
+    stray = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = list(args.overrides) + rest
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError

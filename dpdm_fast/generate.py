@@ -15,7 +15,7 @@ from .config import apply_overrides, config_from_dict, load_config
 from .diffusion import build_denoiser, sample
 from .imaging import save_grid, to_uint8
 from .models import build_network
-from .training.checkpoint import CheckpointError, load, load_network_weights, network_state
+from .checkpoint import CheckpointError, load, load_network_weights, network_state
 
 UNLABELLED = -1   # the label stored for samples of an unconditional model
 

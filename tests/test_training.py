@@ -11,7 +11,7 @@ from dpdm_fast.config import load_config
 from dpdm_fast.engine import autotune
 from dpdm_fast.training import CheckpointError, Trainer, train
 from dpdm_fast.training import privacy_plan
-from dpdm_fast.training.checkpoint import load, save_atomic
+from dpdm_fast.checkpoint import load, save_atomic
 from dpdm_fast.training.privacy_plan import epsilon_after, plan_privacy
 
 from training_helpers import CONFIG, tiny_config, tiny_mnist, tiny_overrides
@@ -168,7 +168,7 @@ def test_corrupt_or_truncated_checkpoints_are_clear_errors(data, tmp_path, finis
         with pytest.raises(CheckpointError, match="not a readable checkpoint"):
             Trainer(tiny_config(data), tmp_path, resume=True, progress=False)
     torch.save({"step": 3, "model": {}}, tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="not a dpdm_fast training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a dpdm_fast.checkpoint"):
         Trainer(tiny_config(data), tmp_path, resume=True, progress=False)
 
 

@@ -1,5 +1,5 @@
-"""Training runs: the loop, its checkpoints, EMA, privacy plan and monitoring."""
-from .checkpoint import CheckpointError
+"""Training runs: the loop, EMA, privacy plan and monitoring (checkpoint files: dpdm_fast.checkpoint)."""
+from ..checkpoint import CheckpointError
 from .loop import TrainResult, Trainer, train
 from .privacy_plan import PrivacyPlan, plan_privacy
 

@@ -28,7 +28,7 @@ from ..diffusion import build_loss
 from ..engine import BatchMemoryManager, autotune
 from ..generate import build_model, generate, no_label_token, sampler_settings
 from ..imaging import save_grid
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .ema import EMA
 from .monitor import Monitor, StepStats, plot_curves
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
