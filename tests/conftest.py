@@ -23,3 +23,9 @@ def golden():
     def load(name: str) -> dict:
         return torch.load(need(REFERENCE / f"golden_{name}.pt"), weights_only=False)
     return load
+
+
+@pytest.fixture(autouse=True)
+def _empty_download_cache(tmp_path_factory, monkeypatch):
+    """Readers look in (and download to) $DPDM_FAST_CACHE: a fresh empty one per test, never the user's."""
+    monkeypatch.setenv("DPDM_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -158,3 +158,28 @@ def test_build_dataset_names():
     assert len(build_dataset("mnist_28", str(DATA / "mnist"), train=False, download=False)) == 10000
     with pytest.raises(ValueError, match="unknown dataset"):
         build_dataset("cifar", "x")
+
+
+def test_a_missing_folder_downloads_into_the_cache(tmp_path, monkeypatch):
+    served = []
+
+    class Response:
+        def __init__(self, url):
+            self.body = (DATA / "mnist" / url.rsplit("/", 1)[1]).read_bytes()
+            served.append(url)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return self.body
+
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: Response(url))
+    ds = MNIST(tmp_path / "not_there", train=False)
+    assert len(ds) == 10000 and len(served) == 4 and not (tmp_path / "not_there").exists()
+    assert ds.folder == MNIST.cache_dir()
+    served.clear()
+    assert len(MNIST(tmp_path / "elsewhere", train=False)) == 10000 and served == []   # found in the cache

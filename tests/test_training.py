@@ -1,5 +1,6 @@
 """The training loop: outputs, exact resume, budget, and every way a run can be refused or broken."""
 import json
+import os
 import urllib.error
 
 import numpy as np
@@ -149,8 +150,12 @@ def test_missing_data_says_which_files_to_put_where(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr("urllib.request.urlopen", offline)
     cfg = load_config(CONFIG, tiny_overrides(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.gz.*copy them to .*nowhere"):
+    with pytest.raises(FileNotFoundError) as e:
         Trainer(cfg, tmp_path / "run", progress=False)
+    cache = os.environ["DPDM_FAST_CACHE"]
+    assert "train-images-idx3-ubyte.gz" in str(e.value) and "nowhere" in str(e.value)
+    assert f"copy them to {cache}/MNIST" in str(e.value)   # a missing folder is not created; the cache is named
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_unwritable_workdir_is_refused_before_training(data, tmp_path):

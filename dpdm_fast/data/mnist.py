@@ -92,7 +92,13 @@ class IDXImageDataset(Dataset):
         out = [self.root]
         for name in self.folder_names:
             out += [self.root / name / "raw", self.root / name]
-        return out
+        return out + [self.cache_dir()]
+
+    @classmethod
+    def cache_dir(cls) -> Path:
+        """Where a download goes when the given folder does not exist ($DPDM_FAST_CACHE, else ~/.cache/dpdm_fast)."""
+        base = os.environ.get("DPDM_FAST_CACHE") or Path.home() / ".cache" / "dpdm_fast"
+        return Path(base) / cls.folder_names[0]
 
     @staticmethod
     def _file_in(folder: Path, stem: str) -> Path:
@@ -114,7 +120,9 @@ class IDXImageDataset(Dataset):
         problem = f"{self.name} files not found. Expected the four files {expected} in one of: {searched}."
         if not download:
             raise FileNotFoundError(problem + " Pass download=True or copy the files there.")
-        target = self.root / self.folder_names[0] / "raw"
+        # an existing folder gets the files (as torchvision does); a path that does not exist is not
+        # created: the files go to the user's cache, where every later run finds them
+        target = self.root / self.folder_names[0] / "raw" if self.root.is_dir() else self.cache_dir()
         errors = []
         for mirror in self.mirrors:
             try:
