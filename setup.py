@@ -20,9 +20,10 @@ setup(
         "omegaconf>=2.3",
         "pillow",
         "tqdm",
+        "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
     },
     entry_points={"console_scripts": ["dpdm-fast=dpdm_fast.cli:main"]},
 )

@@ -23,14 +23,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     if n is None:
         print("dataset size unknown: noise multiplier not computed")
         return 0
-    from opacus.accountants.utils import get_noise_multiplier
+    from .training import plan_privacy
 
-    q = cfg.train.batch_size / n
-    steps = int(cfg.train.n_epochs / q)
-    sigma = get_noise_multiplier(target_epsilon=cfg.dp.epsilon, target_delta=cfg.dp.delta,
-                                 sample_rate=q, steps=steps, accountant=cfg.dp.accountant)
-    print(f"DP: q={q:.5f}, {steps} steps, target eps={cfg.dp.epsilon} at delta={cfg.dp.delta} -> "
-          f"noise multiplier {sigma:.4f} ({cfg.dp.accountant} accountant, Opacus)")
+    plan = plan_privacy(n_examples=n, batch_size=cfg.train.batch_size, n_epochs=cfg.train.n_epochs,
+                        epsilon=cfg.dp.epsilon, delta=cfg.dp.delta, max_grad_norm=cfg.dp.max_grad_norm,
+                        accountant=cfg.dp.accountant)
+    print(plan.describe())
     return 0
 
 

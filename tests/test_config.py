@@ -79,6 +79,8 @@ def test_cli_info(capsys):
     from dpdm_fast.cli import main
     assert main(["info", "configs/mnist_28/train_eps_10.0.yaml"]) == 0
     out = capsys.readouterr().out
-    assert "1,753,345 parameters" in out and "noise multiplier 2.51" in out
+    # q = 1/15 (15 batches of 4096 per epoch, the rate the Poisson loader uses, as Opacus's make_private_with_epsilon),
+    # not 4096/60000 (which would give 2.515)
+    assert "1,753,345 parameters" in out and "q=1/15" in out and "sigma=2.4878" in out
     assert main(["info", "configs/mnist_28/train_eps_10.0.yaml", "dp.nope=1"]) == 2
     assert "Valid keys in dp" in capsys.readouterr().err

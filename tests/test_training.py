@@ -215,3 +215,24 @@ def test_physical_batches_make_one_step_per_logical_batch(finished_run):
     state = load(workdir / "checkpoint.pt")
     (history,) = state["privacy"]["engine"]["accountant"]["history"]
     assert history[2] == 14 and history[1] == pytest.approx(1 / 7)   # 14 steps at q = 1/7, physical batches of 12
+
+
+def test_bf16_autocast_and_secure_mode_runs_train_and_resume(data, tmp_path):
+    cfg = tiny_config(data, **{"dp.secure_mode": "true", "train.snapshot_freq": 1000})
+    first = train(cfg, tmp_path, max_steps=2, amp=True, progress=False)
+    assert first.step == 2
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["rng"]["noise"] is None          # secure mode: no seeded noise stream to save
+    result = train(cfg, tmp_path, max_steps=3, amp=True, resume=True, progress=False)
+    assert result.step == 3 and 0 < result.epsilon <= 10
+    assert all(torch.isfinite(v).all() for v in load(tmp_path / "checkpoint.pt")["model"].values())
+
+
+def test_snapshot_grids_come_from_the_ema_weights_and_fixed_noise(finished_run, data, tmp_path):
+    workdir, _ = finished_run
+    trainer = Trainer(tiny_config(data), tmp_path, progress=False)
+    state = load(workdir / "checkpoint.pt")
+    trainer.ema.load_state_dict(state["ema"], state["ema_num_updates"])
+    trainer.snapshot("again")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "samples" / "again.png")),
+                          np.asarray(Image.open(workdir / "samples" / "final.png")))

@@ -316,7 +316,9 @@ class Trainer:
         finished = self.step >= plan.budget_steps
         if finished:
             self.snapshot("final")
-            plot_curves(self.workdir / "metrics.jsonl", self.workdir / "curves.png")
+        elif interrupt.signal is None:     # --max-steps; after a signal, exit promptly instead
+            self.snapshot(f"step_{self.step:07d}")
+        plot_curves(self.workdir / "metrics.jsonl", self.workdir / "curves.png")
         eps = self._epsilon()
         if eps > plan.target_epsilon + 1e-9:   # the plan makes this impossible; say so loudly if it ever is not
             raise RuntimeError(f"privacy budget exceeded: eps={eps} > target {plan.target_epsilon}")
