@@ -51,7 +51,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from .training.loop import resolve_device
 
     device = resolve_device(args.device)
-    model, cfg = load_for_sampling(args.checkpoint, args.config, args.overrides, use_ema=not args.no_ema, device=device)
+    model, cfg = load_for_sampling(args.checkpoint, args.config, args.overrides, use_ema=not args.no_ema,
+                                   device=device)
     if args.sampler is not None:
         cfg.sampler.type = args.sampler     # the config's own settings for that sampler (s_churn, ...) apply
     options = sampler_settings(cfg)

@@ -173,7 +173,7 @@ def test_corrupt_or_truncated_checkpoints_are_clear_errors(data, tmp_path, finis
         with pytest.raises(CheckpointError, match="not a readable checkpoint"):
             Trainer(tiny_config(data), tmp_path, resume=True, progress=False)
     torch.save({"step": 3, "model": {}}, tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match="not a dpdm_fast.checkpoint"):
+    with pytest.raises(CheckpointError, match="not a dpdm_fast training checkpoint"):
         Trainer(tiny_config(data), tmp_path, resume=True, progress=False)
 
 
@@ -236,3 +236,20 @@ def test_snapshot_grids_come_from_the_ema_weights_and_fixed_noise(finished_run, 
     trainer.snapshot("again")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "samples" / "again.png")),
                           np.asarray(Image.open(workdir / "samples" / "final.png")))
+
+
+def test_resuming_on_other_data_at_the_same_path_is_refused(data, tmp_path):
+    folder = tiny_mnist(tmp_path / "data")
+    train(tiny_config(folder), tmp_path / "run", max_steps=1, progress=False)
+    for f in folder.iterdir():
+        f.unlink()
+    from training_helpers import _write_idx
+    from dpdm_fast.data import MNIST
+    real = MNIST(data, train=True, download=False)
+    _write_idx(folder / "train-images-idx3-ubyte.gz", real.data.flip(0).numpy(), 2051)    # same size, other order
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", real.targets.flip(0).numpy(), 2049)
+    test = MNIST(data, train=False, download=False)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", test.data.numpy(), 2051)
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", test.targets.numpy(), 2049)
+    with pytest.raises(CheckpointError, match="not the data this run was trained on"):
+        Trainer(tiny_config(folder), tmp_path / "run", resume=True, progress=False)

@@ -9,6 +9,7 @@ the noise's generators, the accountant's ledger and the engine's autotune choice
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import signal
 import time
 import warnings
@@ -26,7 +27,7 @@ from ..config import to_plain
 from ..data import build_dataset
 from ..diffusion import build_loss
 from ..engine import BatchMemoryManager, autotune
-from ..generate import build_model, generate, no_label_token, sampler_settings
+from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
 from .ema import EMA
@@ -96,6 +97,18 @@ def _check_writable(workdir: Path) -> None:
     except OSError as e:
         raise ckpt.CheckpointError(f"the workdir {workdir} is not writable ({e.strerror or e}): choose another "
                                    "--workdir or fix its permissions") from None
+
+
+def data_fingerprint(dataset) -> str:
+    """A hash of the training examples (images and labels when the dataset holds them as arrays), so that a
+    run is not resumed on other data that happens to sit at the same path with the same size."""
+    digest = hashlib.sha256(str(len(dataset)).encode())
+    for name in ("data", "targets"):
+        array = getattr(dataset, name, None)
+        if array is not None:
+            array = array.numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
@@ -177,6 +190,7 @@ class Trainer:
         if self.loader.sample_rate != plan.sample_rate:   # the accountant is told exactly the sampler's rate
             raise RuntimeError(f"internal: loader samples at {self.loader.sample_rate}, plan says {plan.sample_rate}")
         self.ema = EMA(self.network, cfg.model.ema_rate)
+        self.fingerprint = data_fingerprint(self.dataset)
         self.step, self.wall_before = 0, 0.0
         if saved is not None:
             self._restore(saved)
@@ -189,6 +203,10 @@ class Trainer:
                                        f"q={saved_plan['sample_rate']}, this one computes sigma={plan.noise_multiplier} "
                                        f"at q={plan.sample_rate} (different dataset size or Opacus version?): resuming "
                                        "would break the privacy calibration")
+        if state.get("data_fingerprint") != data_fingerprint(self.dataset):
+            raise ckpt.CheckpointError(f"{self.ckpt_path}: the training data at {self.cfg.data.path} is not the data this "
+                                       "run was trained on (different examples or labels): the guarantee is for one "
+                                       "dataset, so the run cannot continue on another; start a new run")
         step = int(state["step"])
         if step >= plan.budget_steps:
             raise ckpt.CheckpointError(f"{self.ckpt_path}: the run is complete ({step} of {plan.total_steps} steps, "
@@ -228,7 +246,7 @@ class Trainer:
             "rng": {"poisson": self.poisson_gen.get_state(), "loss": self.loss_gen.get_state(),
                     "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
                     "torch": torch.get_rng_state()},
-            "autotune": autotune.state_dict(), "wall_s": wall_s,
+            "autotune": autotune.state_dict(), "wall_s": wall_s, "data_fingerprint": self.fingerprint,
         }
 
     def save(self, wall_s: float, numbered: bool = False) -> Path:
