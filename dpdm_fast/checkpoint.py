@@ -22,7 +22,7 @@ FORMAT = "dpdm_fast.train/1"
 # backend, path choice: the same mathematics, so only rounding can differ). Everything else decides the trained model or its
 # privacy, and must match.
 RESUMABLE_CHANGES = ("setup.", "sampler.", "data.path", "data.dataloader_params", "data.fid_stats",
-                     "dp.backend", "dp.autotune", "dp.max_physical_batch_size",
+                     "dp.backend", "dp.autotune", "dp.max_physical_batch_size", "dp.n_splits",
                      "train.log_freq", "train.snapshot_freq", "train.snapshot_threshold", "train.save_freq",
                      "train.save_threshold", "train.fid_freq", "train.fid_samples", "train.fid_threshold")
 

@@ -150,7 +150,7 @@ class DPConfig:
     delta: float = 1e-5
     epsilon: float = 10.0
     max_physical_batch_size: int = 8192
-    n_splits: int = 4
+    n_splits: int = 4   # each physical batch runs as n_splits passes (memory: max_physical_batch_size / n_splits examples)
     accountant: str = "rdp"
     secure_mode: bool = False
     backend: str = "auto"

@@ -253,3 +253,15 @@ def test_resuming_on_other_data_at_the_same_path_is_refused(data, tmp_path):
     _write_idx(folder / "t10k-labels-idx1-ubyte.gz", test.targets.numpy(), 2049)
     with pytest.raises(CheckpointError, match="not the data this run was trained on"):
         Trainer(tiny_config(folder), tmp_path / "run", resume=True, progress=False)
+
+
+def test_n_splits_divides_each_physical_batch_into_passes(data, tmp_path):
+    trainer = Trainer(tiny_config(data, **{"dp.max_physical_batch_size": 12, "dp.n_splits": 3}), tmp_path, max_steps=1,
+                      progress=False)
+    assert trainer.physical_batch_size == 4
+    passes = []
+    original = trainer._physical_batch
+    trainer._physical_batch = lambda x, y, stats: (passes.append(len(x)), original(x, y, stats))
+    assert trainer.run().step == 1 and max(passes) <= 4 and trainer.engine.steps == 1
+    with pytest.raises(ValueError, match="n_splits"):
+        Trainer(tiny_config(data, **{"dp.n_splits": 0}), tmp_path / "b", progress=False)

@@ -38,7 +38,7 @@ def tiny_overrides(data: Path, **extra) -> list[str]:
         "data.path": str(data), "model.network.nf": 8, "model.network.ch_mult": "[1,2]",
         "model.network.num_res_blocks": 1, "model.network.attn_resolutions": "[14]",
         "train.batch_size": 32, "train.n_epochs": 2, "train.log_freq": 2, "train.snapshot_freq": 6,
-        "loss.n_noise_samples": 2, "dp.delta": 1e-3, "dp.max_physical_batch_size": 12, "sampler.num_steps": 3,
+        "loss.n_noise_samples": 2, "dp.delta": 1e-3, "dp.max_physical_batch_size": 12, "dp.n_splits": 1, "sampler.num_steps": 3,
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

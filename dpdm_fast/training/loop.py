@@ -139,6 +139,11 @@ class Trainer:
         self.plan: PrivacyPlan = plan_privacy(n_examples=len(self.dataset), batch_size=cfg.train.batch_size,
                                               n_epochs=cfg.train.n_epochs, epsilon=dp.epsilon, delta=dp.delta,
                                               max_grad_norm=dp.max_grad_norm, accountant=dp.accountant)
+        if dp.n_splits < 1 or dp.max_physical_batch_size < 1:
+            raise ValueError(f"dp.n_splits and dp.max_physical_batch_size must be >= 1, got {dp.n_splits}, "
+                             f"{dp.max_physical_batch_size}")
+        # DPDM's n_splits: each physical batch runs as n_splits forward/backward passes of whole examples
+        self.physical_batch_size = -(-dp.max_physical_batch_size // dp.n_splits)
         if max_steps is not None and not 1 <= max_steps <= self.plan.total_steps:
             raise ValueError(f"--max-steps {max_steps}: the schedule has {self.plan.total_steps} steps "
                              f"({cfg.train.n_epochs} epochs of {self.plan.steps_per_epoch})")
@@ -293,7 +298,8 @@ class Trainer:
         out = Monitor(self.workdir, plan.total_steps, self.step, plan.steps_per_epoch, progress=self.progress)
         out.write(plan.describe())
         out.write(f"K={cfg.loss.n_noise_samples} noise samples per example, physical batches of at most "
-                  f"{cfg.dp.max_physical_batch_size} examples, device {self.device}"
+                  f"{self.physical_batch_size} examples (dp.max_physical_batch_size {cfg.dp.max_physical_batch_size} / "
+                  f"dp.n_splits {cfg.dp.n_splits}), device {self.device}"
                   + (", bf16 autocast" if self.amp else "") + (f"; resuming at step {self.step}" if self.step else ""))
         if not cfg.dp.secure_mode:
             out.write("noise and sampling come from seeded generators (dp.secure_mode=false): reproducible, fine for "
@@ -307,7 +313,7 @@ class Trainer:
         with _Interrupt() as interrupt, tuning:
             try:
                 while self.step < stop_at and interrupt.signal is None:
-                    with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=cfg.dp.max_physical_batch_size,
+                    with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch_size,
                                             optimizer=self.optimizer) as batches:
                         for x, y in batches:
                             before = self.engine.steps
