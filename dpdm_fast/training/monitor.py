@@ -70,7 +70,7 @@ class Monitor:
                 "examples_per_s": w.examples / elapsed if elapsed > 0 else math.nan}
         with open(self.path, "a") as f:
             f.write(json.dumps(line) + "\n")
-        self.bar.set_description(f"epoch {step // self.steps_per_epoch + 1}")
+        self.bar.set_description(f"epoch {(step - 1) // self.steps_per_epoch + 1}")   # step 118 of 118 is epoch 1
         self.bar.set_postfix(loss=f"{line['loss']:.4f}", eps=f"{eps:.3f}" if eps is not None else "-",
                              ex_s=f"{line['examples_per_s']:.0f}", refresh=False)
         self.window, self.window_start = StepStats(), time.perf_counter()
