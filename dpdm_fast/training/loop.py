@@ -286,11 +286,13 @@ class Trainer:
         y = y.to(self.device, non_blocking=True) if self.labelled else None
         with self._autocast():
             losses = self.loss_fn(self.private, x, y, generator=self.loss_gen)
-        losses.float().mean().backward() if len(x) else losses.sum().backward()
+        if len(x) == 0:      # an empty Poisson batch is still a step (pure noise): backward through nothing
+            losses.sum().backward()
+            return
+        losses.float().mean().backward()
         norms = self.private.collector.last_norms
-        clipped = int((norms > self.plan.max_grad_norm).sum()) if norms is not None and len(x) else 0
-        stats.add_batch(float(losses.detach().float().sum()), len(x),
-                        float(norms.sum()) if norms is not None and len(x) else 0.0, clipped)
+        stats.add_batch(float(losses.detach().float().sum()), len(x), float(norms.sum()),
+                        int((norms > self.plan.max_grad_norm).sum()))
 
     def run(self) -> TrainResult:
         cfg, plan = self.cfg, self.plan

@@ -23,7 +23,6 @@ class StepStats:
         self.examples = 0
         self.norm_sum = 0.0
         self.clipped = 0
-        self.steps = 0
 
     def add_batch(self, loss_sum: float, examples: int, norm_sum: float, clipped: int) -> None:
         self.loss_sum += loss_sum
@@ -32,10 +31,8 @@ class StepStats:
         self.clipped += clipped
 
     def summary(self) -> dict:
-        n = max(self.examples, 1)
-        return {"loss": self.loss_sum / n if self.examples else math.nan,
-                "grad_norm_mean": self.norm_sum / n if self.examples else math.nan,
-                "frac_clipped": self.clipped / n if self.examples else math.nan}
+        n = self.examples or math.nan    # no examples (empty batches only): nan, not 0
+        return {"loss": self.loss_sum / n, "grad_norm_mean": self.norm_sum / n, "frac_clipped": self.clipped / n}
 
 
 class Monitor:
@@ -61,7 +58,6 @@ class Monitor:
         """Record one finished step; on log steps write a metrics line and refresh the bar's numbers."""
         w = self.window
         w.add_batch(stats.loss_sum, stats.examples, stats.norm_sum, stats.clipped)
-        w.steps += 1
         self.bar.update(1)
         if not log:
             return None
