@@ -1,0 +1,107 @@
+"""The one pass over the per-example buffer: clip, sum over examples, noise, scale.
+
+The buffer holds, parameter after parameter, a contiguous (B, numel) block of per-example
+gradients (``dpdm_fast.engine.layout.FlatLayout``). Each program takes one tile of one
+parameter's columns and, for every example b, reads the tile's B rows once:
+
+    total[j] += sum_b min(1, C / (norm_b + 1e-6)) * scale * block[b, j]
+
+then, in the final pass of a step (``FINAL``), adds Gaussian noise std * z[j] and divides by the
+expected batch size, writing the result into the flat gradient storage the parameters' ``.grad``
+views point to. z comes from Philox (``tl.randn``), a counter-based generator: z[j] is a function of
+(seed, j) only, so a step's noise is reproducible from its seed whatever the tiling or GPU. With
+``draws=4`` each coordinate is (z1 + z2 + z3 + z4) / 2 (the floating-point-attack defence of
+Holohan et al., as Opacus's secure mode), still N(0, 1).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_output, interpreting
+
+TILE = 1024
+
+
+@triton.jit
+def _clip_reduce_kernel(buf_ptr, norms_ptr, written_ptr, tiles_ptr, total_ptr, out_ptr,
+                        B, P, max_norm, scale, std, divisor, seed,
+                        BLOCK: tl.constexpr, FINAL: tl.constexpr, DRAWS: tl.constexpr):
+    t = tl.program_id(0)
+    offset = tl.load(tiles_ptr + 4 * t)          # the parameter's offset in the flat vector
+    numel = tl.load(tiles_ptr + 4 * t + 1)
+    start = tl.load(tiles_ptr + 4 * t + 2)       # the tile's first column within the parameter
+    index = tl.load(tiles_ptr + 4 * t + 3)       # the parameter's index (for its written flag)
+    cols = start + tl.arange(0, BLOCK)
+    ok = cols < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    rows = tl.load(written_ptr + index) * B      # 0 when this backward left the parameter untouched
+    base = buf_ptr + offset * B
+    for b in range(rows):
+        factor = tl.minimum(max_norm / (tl.load(norms_ptr + b) + 1e-6), 1.0) * scale
+        acc += factor * tl.load(base + b * numel + cols, mask=ok, other=0.0)
+    flat = offset + cols
+    total = tl.load(total_ptr + flat, mask=ok, other=0.0) + acc
+    if FINAL:
+        idx = flat.to(tl.int32)
+        z = tl.randn(seed, idx)
+        if DRAWS == 4:
+            z = (z + tl.randn(seed, idx + P) + tl.randn(seed, idx + 2 * P) + tl.randn(seed, idx + 3 * P)) * 0.5
+        total = (total + std * z) / divisor
+    tl.store(out_ptr + flat, total, mask=ok)
+
+
+def tile_table(numels: list[int], device: torch.device, tile: int = TILE) -> torch.Tensor:
+    """(tiles, 4) int64 rows (offset, numel, start, index): every parameter cut into column tiles."""
+    rows, offset = [], 0
+    for i, n in enumerate(numels):
+        rows += [(offset, n, s, i) for s in range(0, n, tile)]
+        offset += n
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 4)
+
+
+def clip_reduce(buffer: torch.Tensor, numels: list[int], written: torch.Tensor, norms: torch.Tensor,
+                max_norm: float, scale: float, total: torch.Tensor, *, tiles: torch.Tensor | None = None,
+                final: bool = False, std: float = 0.0, divisor: float = 1.0, seed: int = 0, draws: int = 1,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fold a backward's per-example buffer into the clipped sum ``total`` (P,) (in place), or,
+    with ``final=True``, write ``(total + clipped sum + std * z) / divisor`` into ``out`` (P,).
+
+    buffer: the flat per-example buffer of B = norms.numel() examples; numels: the parameters'
+    sizes in layout order; written: (params,) int32, 1 where this backward wrote the parameter's
+    block (others are not read: they may hold stale data); norms: (B,) fp32 per-example norms.
+    """
+    B, P = norms.numel(), sum(numels)
+    if total.device.type != "cuda" and not interpreting():
+        raise RuntimeError("the Triton clip/noise pass on CPU tensors needs TRITON_INTERPRET=1 (set before "
+                           "importing dpdm_fast)")
+    check_output(total, (P,), "total")
+    if draws not in (1, 4):
+        raise ValueError(f"draws must be 1 or 4, got {draws}")
+    if buffer.numel() < B * P or buffer.dtype != torch.float32:
+        raise ValueError(f"buffer must hold {B} x {P} fp32 values, has {buffer.numel()} {buffer.dtype}")
+    if P >= 2**31 // draws:
+        raise ValueError(f"{P} parameters: Philox offsets are int32, at most {2**31 // draws - 1} coordinates")
+    out = total if out is None else out
+    check_output(out, (P,))
+    tiles = tile_table(numels, total.device) if tiles is None else tiles
+    if tiles.shape[0] == 0:
+        return out
+    _clip_reduce_kernel[(tiles.shape[0],)](buffer, norms, written, tiles, total, out, B, P, float(max_norm),
+                                           float(scale), float(std), float(divisor), int(seed), BLOCK=TILE,
+                                           FINAL=bool(final), DRAWS=draws)
+    return out
+
+
+def reference_clip_reduce(buffer: torch.Tensor, numels: list[int], written: torch.Tensor, norms: torch.Tensor,
+                          max_norm: float, scale: float, total: torch.Tensor) -> torch.Tensor:
+    """The noise-free part in torch: total + sum_b factor_b * block_b over the written blocks."""
+    B = norms.numel()
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0) * scale
+    parts, offset = [], 0
+    for n, w in zip(numels, written.tolist()):
+        blk = buffer[B * offset:B * (offset + n)].view(B, n)
+        parts.append(factors @ blk if w else torch.zeros(n, device=total.device))
+        offset += n
+    return total + torch.cat(parts)
