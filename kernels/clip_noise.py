@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ._common import check_output, interpreting
 
-TILE = 1024
+# Columns per program; the interpreter pays Python time per program, so it takes far wider tiles.
+TILE = 1 << 16 if interpreting() else 1024
 
 
 @triton.jit
@@ -44,11 +45,13 @@ def _clip_reduce_kernel(buf_ptr, norms_ptr, written_ptr, tiles_ptr, total_ptr, o
     flat = offset + cols
     total = tl.load(total_ptr + flat, mask=ok, other=0.0) + acc
     if FINAL:
-        idx = flat.to(tl.int32)
-        z = tl.randn(seed, idx)
-        if DRAWS == 4:
-            z = (z + tl.randn(seed, idx + P) + tl.randn(seed, idx + 2 * P) + tl.randn(seed, idx + 3 * P)) * 0.5
-        total = (total + std * z) / divisor
+        if DRAWS > 0:
+            idx = flat.to(tl.int32)
+            z = tl.randn(seed, idx)
+            if DRAWS == 4:
+                z = (z + tl.randn(seed, idx + P) + tl.randn(seed, idx + 2 * P) + tl.randn(seed, idx + 3 * P)) * 0.5
+            total = total + std * z
+        total = total / divisor
     tl.store(out_ptr + flat, total, mask=ok)
 
 
@@ -90,7 +93,7 @@ def clip_reduce(buffer: torch.Tensor, numels: list[int], written: torch.Tensor, 
         return out
     _clip_reduce_kernel[(tiles.shape[0],)](buffer, norms, written, tiles, total, out, B, P, float(max_norm),
                                            float(scale), float(std), float(divisor), int(seed), BLOCK=TILE,
-                                           FINAL=bool(final), DRAWS=draws)
+                                           FINAL=bool(final), DRAWS=draws if std else 0)
     return out
 
 

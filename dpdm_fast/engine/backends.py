@@ -1,28 +1,89 @@
-"""Clip / sum / noise passes over the per-example gradient buffer, behind one interface.
+"""Which code computes the per-group gradients and the clip / sum / noise pass: one interface.
 
-The buffer holds one contiguous (B, numel) block per parameter (see ``FlatLayout``); the collector
-calls ``norms`` on each block as it is written and ``weighted_sum`` on each block at the end.
+The per-example buffer holds one contiguous (B, numel) block per parameter (see ``FlatLayout``).
+A backend supplies
 
-``backend="torch"`` is the reference and the CPU path. Fused kernels (Triton, CUDA) implement
-the same three methods and are chosen by ``get_backend``; ``"auto"`` picks the fastest
-available one for the buffer's device, which today is always ``"torch"``.
+- ``norms(block, out)``: per-example norms of a block written by a torch rule;
+- ``kernel_rules``: {layer class: kernel rule} for the layers it computes itself (a kernel rule
+  writes the layer's per-group gradients straight into the buffer and adds their squared norms
+  to the norm table; layers without one use the torch rules, the reference);
+- ``reduce(job, total, noise, out)``: fold a backward's buffer (``ClipJob``) into the clipped sum,
+  and, in the final pass of a step (``noise`` given), add the noise, divide by the expected batch
+  size and write the parameters' flat gradient into ``out``, in one pass.
+
+``"torch"`` is the reference and the CPU path; ``"triton"`` the fused Triton kernels
+(``dpdm_fast.kernels``); ``"cuda"`` the CUDA C++ twins (``csrc/``). ``"auto"`` picks Triton for a
+model on a GPU and torch on the CPU. A backend that cannot run here is an error saying why, never a
+silent substitute.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+
 import torch
+
+from .layout import FlatLayout
+
+
+@dataclass
+class ClipJob:
+    """One backward pass's per-example gradients, waiting to be clipped and summed."""
+    layout: FlatLayout
+    storage: torch.Tensor       # the flat buffer: param after param, a (B, numel) block each
+    B: int
+    written: list               # per parameter of the layout: did this backward write its block
+    norms: torch.Tensor         # (B,) fp32 per-example norms (scaled as the gradients are)
+    max_grad_norm: float
+    scale: float                # the per-example scale (loss reduction, average over K) of the gradients
+
+    def factors(self) -> torch.Tensor:
+        return (self.max_grad_norm / (self.norms + 1e-6)).clamp(max=1.0) * self.scale
+
+    def blocks(self):
+        """(param, its (B, numel) block) for each parameter this backward wrote."""
+        for p, w in zip(self.layout.params, self.written):
+            if w:
+                yield p, self.layout.block(self.storage, p, self.B).view(self.B, p.numel())
+
+
+@dataclass
+class Noise:
+    """The final pass of a step: out = (clipped sum + N(0, std^2)) / divisor."""
+    std: float
+    generator: torch.Generator | None
+    secure_mode: bool
+    divisor: float
 
 
 class TorchBackend:
+    """The reference: torch rules for every layer, then the clip-weighted sum block by block
+    (one matrix-vector product each), noise from ``torch.randn``."""
     name = "torch"
+    kernel_rules: dict = {}
 
     def norms(self, buffer: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) L2 norms of the rows of a (B, n) block, in fp32 (into ``out`` if given)."""
         return torch.linalg.vector_norm(buffer, dim=1, dtype=torch.float32, out=out)
 
-    def weighted_sum(self, buffer: torch.Tensor, weights: torch.Tensor, out: torch.Tensor) -> None:
-        """out (n,) += weights @ buffer (the clip-weighted sum over the examples of a (B, n) block), in fp32."""
-        if buffer.shape[0]:
-            out.addmv_(buffer.t(), weights.to(buffer.dtype))
+    def reduce(self, job: ClipJob | None, total: torch.Tensor, noise: Noise | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        from .collector import profile_scope
+        if job is not None and job.B:
+            with profile_scope("dpdm_fast.clip_sum"):
+                factors = job.factors()
+                for p, blk in job.blocks():
+                    job.layout.flat_view(total, p).view(-1).addmv_(blk.t(), factors.to(blk.dtype))
+        if noise is None:
+            return total
+        with profile_scope("dpdm_fast.noise"):
+            self.add_noise(total, noise.std, noise.generator, noise.secure_mode)
+            if noise.divisor != 1:
+                total.div_(noise.divisor)
+        with profile_scope("dpdm_fast.grads_out"):
+            return total.clone() if out is None else out.copy_(total)
 
     def add_noise(self, out: torch.Tensor, std: float, generator: torch.Generator | None,
                   secure_mode: bool) -> None:
@@ -43,13 +104,46 @@ class TorchBackend:
         out.add_(acc, alpha=std / 2)
 
 
-BACKENDS = {"torch": TorchBackend}
+def noise_seed(generator: torch.Generator | None, device: torch.device) -> int:
+    """A step's Philox seed (63 bits), drawn from the noise generator (or torch's global RNG for
+    the device when None, so ``torch.manual_seed`` fixes it, as it fixes the torch path's noise)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+BACKENDS = ("torch", "triton", "cuda")
 
 
 def get_backend(name: str = "auto", device: torch.device | str = "cpu"):
-    """The clip/noise backend by name; ``"auto"`` = the best one available on ``device``."""
+    """The backend by name for a model on ``device``; ``"auto"`` = Triton on a GPU, torch on the CPU."""
+    device = torch.device(device)
     if name == "auto":
+        if device.type != "cuda":
+            return TorchBackend()
+        if importlib.util.find_spec("triton") is None:
+            warnings.warn("backend='auto' on a GPU without Triton installed: using the torch backend "
+                          "(pip install triton for the fused kernels)", stacklevel=3)
+            return TorchBackend()
+        name = "triton"
+    if name == "torch":
         return TorchBackend()
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; available: {['auto', *sorted(BACKENDS)]}")
-    return BACKENDS[name]()
+    if name == "triton":
+        return _triton_backend(device)
+    if name == "cuda":
+        from .cuda_backend import CudaBackend
+        return CudaBackend(device)
+    raise ValueError(f"unknown backend {name!r}; available: {['auto', *BACKENDS]}")
+
+
+def _triton_backend(device: torch.device):
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("backend='triton' needs Triton, which is not installed: pip install triton "
+                           "(or use backend='torch')")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if device.type == "cpu" and not interpret:
+        raise RuntimeError("backend='triton' with the model on the CPU runs the kernels in Triton's interpreter, "
+                           "which needs TRITON_INTERPRET=1 set before dpdm_fast is imported (slow: for tests); "
+                           "on a CPU use backend='torch', or move the model to a GPU first")
+    if device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"backend='triton' runs on CUDA GPUs (or the CPU interpreter), not on {device.type}")
+    from .triton_backend import TritonBackend
+    return TritonBackend(device)

@@ -102,6 +102,15 @@ class _Site:
                                           "or pass strict=False to use the slower torch.func fallback")
             warnings.warn(message + "; using the torch.func (vmap) fallback, which is slower")
         self.spec = spec
+        # the backend's fused kernel for this layer, where it has one (the torch rule stays the reference)
+        self.kernel = owner.collector.backend.kernel_rules.get(spec.cls) if spec is not None else None
+
+    @property
+    def computed_by(self) -> str:
+        """Which code computes this layer's per-group gradients."""
+        if self.spec is None:
+            return "torch.func fallback"
+        return f"{self.owner.collector.backend.name} kernel" if self.kernel is not None else "torch rule"
 
     # -- forward ------------------------------------------------------------------------------
     def pre_hook(self, module, args, kwargs):
@@ -215,6 +224,8 @@ class _Site:
             if self.spec is None:
                 per_group = functorch_rule(self.module, args, grad_out, collector.K,
                                            {k: cast(v) for k, v in kwargs.items()})
+            elif self.kernel is not None and self._run_kernel(names, args, grad_out, extra):
+                return
             else:
                 options = {"saved": extra or None} if self.spec.save is not None else {}
                 if self.spec.writes_out and grad_out.dtype == torch.float32:
@@ -227,6 +238,18 @@ class _Site:
             if n not in per_group:
                 raise RuntimeError(f"requires_grad of {self._full(n)} changed between forward and backward")
             collector.write(self.params[n], per_group[n], self._full(n))
+
+    def _run_kernel(self, names: list, args: tuple, grad_out: torch.Tensor, extra: tuple) -> bool:
+        """The fused kernel writes the blocks and their squared norms; False when it does not cover this call."""
+        collector = self.owner.collector
+        params = [self.params[n] for n in names]
+        out = {n: collector.target(p) for n, p in zip(names, params)}
+        sq = {n: collector.squared_norm_row(p) for n, p in zip(names, params)}
+        if not self.kernel(self.module, args[0], grad_out, collector.K, out, sq, extra or None):
+            return False
+        for n, p in zip(names, params):
+            collector.written_by_kernel(p, self._full(n))
+        return True
 
     def _full(self, pname: str) -> str:
         return pname if self.name == "<root>" else f"{self.name}.{pname}"

@@ -3,6 +3,10 @@
 One ``GroupGradientCollector`` holds every DP setting that the clipping uses (K, the clip norm,
 the loss reduction); the optimizer reads them from here, so the noise and the clipping can never
 disagree.
+
+The clip-weighted sum of a backward's buffer is deferred (``ClipJob``) until it is needed: the next
+backward pass (before its buffer is overwritten), a read of ``clipped_sum``, or the step, where
+the backend folds clipping, sum, noise and scaling into one pass over the buffer (``finish``).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.profiler import record_function
 
-from .backends import get_backend
+from .backends import ClipJob, Noise, get_backend
 from .layout import FlatLayout
 
 
@@ -31,7 +35,8 @@ class GroupGradientCollector:
         self.max_grad_norm = max_grad_norm
         device = layout.params[0].device if layout.params else torch.device("cpu")
         self.backend = get_backend(backend, device)
-        self.clipped_sum = torch.zeros(layout.size, dtype=torch.float32, device=device)
+        self._clipped_sum = torch.zeros(layout.size, dtype=torch.float32, device=device)
+        self._pending: ClipJob | None = None  # the last backward's buffer, clipped but not yet summed
         self.num_examples = 0          # examples folded into clipped_sum since the last reset
         self.backwards_since_step = 0  # backward passes since the optimizer's last step() call
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last backward
@@ -44,7 +49,6 @@ class GroupGradientCollector:
         self._blocks_B: int | None = None
         self._norm_table: torch.Tensor | None = None  # (params, B): per-parameter norms of each example
         self._norm_rows: dict = {}
-        self._flat_sum = {id(p): layout.flat_view(self.clipped_sum, p).view(-1) for p in layout.params}
         self._task = -1
         self._written: set[int] = set()
         self._rows = 0
@@ -63,6 +67,23 @@ class GroupGradientCollector:
                                "(between physical batches or backward passes of one step): change it only "
                                "after optimizer.step(), so every example of a step is clipped to the same norm")
         self._max_grad_norm = value
+
+    @property
+    def clipped_sum(self) -> torch.Tensor:
+        """The flat fp32 sum of the clipped per-example gradients folded in since the last reset."""
+        self.flush()
+        return self._clipped_sum
+
+    def flush(self) -> None:
+        """Fold the last backward's buffer into ``clipped_sum`` (it is about to be overwritten or read)."""
+        job, self._pending = self._pending, None
+        if job is not None:
+            self.backend.reduce(job, self._clipped_sum)
+
+    def finish(self, noise: Noise) -> torch.Tensor:
+        """The step's flat gradient (clipped sum + noise) / divisor, in one pass over the last buffer."""
+        job, self._pending = self._pending, None
+        return self.backend.reduce(job, self._clipped_sum, noise)
 
     @property
     def holds_examples(self) -> bool:
@@ -85,6 +106,7 @@ class GroupGradientCollector:
         if self._B is not None and task != self._task:
             self.abort()  # a previous backward died half-way: its partial sums must not leak into this one
         if self._B is None:
+            self.flush()  # the previous backward's clip-weighted sum, before its buffer is reused
             if self.closed:
                 raise RuntimeError("this private module was replaced by a later make_private call: train the "
                                    "module (and optimizer) that call returned")
@@ -92,8 +114,8 @@ class GroupGradientCollector:
                 raise ValueError(f"the loss covers {rows} rows, not a multiple of noise_multiplicity "
                                  f"K={self.K}: each example must contribute exactly K consecutive rows")
             B = rows // self.K
-            if self.clipped_sum.device != device:
-                raise RuntimeError(f"the model runs on {device} but the engine was set up on {self.clipped_sum.device}: "
+            if self._clipped_sum.device != device:
+                raise RuntimeError(f"the model runs on {device} but the engine was set up on {self._clipped_sum.device}: "
                                    "move the model to its device before make_private (as with Opacus)")
             with profile_scope("dpdm_fast.buffer_alloc"):
                 if self._storage is None or self._storage.numel() < B * self.layout.size:
@@ -117,6 +139,23 @@ class GroupGradientCollector:
         that writes into it (``out=``) saves the copy ``write`` would otherwise make."""
         return self._blocks[id(param)]
 
+    def squared_norm_row(self, param: nn.Parameter) -> torch.Tensor:
+        """The (B,) fp32 row of the norm table (zero at this point) where a kernel rule adds each
+        example's squared norm of param's gradient as it writes the ``target`` block."""
+        return self._norm_rows[id(param)]
+
+    def written_by_kernel(self, param: nn.Parameter, name: str) -> None:
+        """A kernel rule wrote param's block and its squared norms: record it, take the square root."""
+        self._mark_written(param, name)
+        self._norm_rows[id(param)].sqrt_()
+
+    def _mark_written(self, param: nn.Parameter, name: str) -> None:
+        if id(param) in self._written:
+            raise RuntimeError(f"parameter {name} received two per-group gradients in one backward pass: it "
+                               "is used twice (tied weights, a module called twice, or two forward "
+                               "passes in one loss), which per-example clipping does not support")
+        self._written.add(id(param))
+
     def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
         """Take param's per-group gradients (in its ``target`` block already, or copied there) and
         record each example's norm of them in the norm table while the block is still in cache."""
@@ -124,11 +163,7 @@ class GroupGradientCollector:
         if tuple(per_group.shape) != expected:
             raise RuntimeError(f"the per-group gradient of {name} has shape {tuple(per_group.shape)}, expected "
                                f"{expected} (examples, *parameter shape): the rule is wrong for this call")
-        if id(param) in self._written:
-            raise RuntimeError(f"parameter {name} received two per-group gradients in one backward pass: it "
-                               "is used twice (tied weights, a module called twice, or two forward "
-                               "passes in one loss), which per-example clipping does not support")
-        self._written.add(id(param))
+        self._mark_written(param, name)
         block = self._blocks[id(param)]
         if not _same_memory(per_group, block):
             with profile_scope("dpdm_fast.buffer_copy"):
@@ -150,11 +185,8 @@ class GroupGradientCollector:
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
                                      "batch (NaN/Inf in the loss or the model); refusing to clip them")
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
-        with profile_scope("dpdm_fast.clip_sum"):
-            for p in self.layout.params:
-                if id(p) in written:
-                    self.backend.weighted_sum(self._blocks[id(p)].view(B, p.numel()), factors, self._flat_sum[id(p)])
+        self._pending = ClipJob(self.layout, self._storage, B, [id(p) in written for p in self.layout.params],
+                                norms, self.max_grad_norm, scale)
         self.last_norms = norms
         self.num_examples += B
         self.backward_calls += 1
@@ -165,7 +197,8 @@ class GroupGradientCollector:
         self._B, self._written = None, set()
 
     def reset(self) -> None:
-        self.clipped_sum.zero_()
+        self._pending = None
+        self._clipped_sum.zero_()
         self.num_examples = 0
         self.backward_calls = 0
 

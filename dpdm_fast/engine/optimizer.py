@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from .backends import Noise
 from .collector import GroupGradientCollector, profile_scope
 
 
@@ -178,21 +179,21 @@ class DPOptimizer(Optimizer):
             self._discard()
             raise
         self.accumulated_iterations = batches
-        total = collector.clipped_sum
-        for hook in self.before_noise:
-            hook(total)
-        with profile_scope("dpdm_fast.noise"):
-            collector.backend.add_noise(total, self.noise_multiplier * self.max_grad_norm, self.generator,
-                                        self.secure_mode)
+        if self.before_noise:
+            total = collector.clipped_sum   # (folds the last backward in first)
+            for hook in self.before_noise:
+                hook(total)
+        divisor = 1
+        if self.loss_reduction == "mean":
+            divisor = self.expected_batch_size * (self.accumulated_iterations if self.scale_by_accumulated_iterations else 1)
+        # the backend's final pass: the last backward's clip-weighted sum, noise, division, into one flat tensor
+        flat = collector.finish(Noise(self.noise_multiplier * self.max_grad_norm, self.generator, self.secure_mode,
+                                      divisor))
         if self.secure_mode:  # re-seed so the stream cannot be replayed from one observed seed
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
-        if self.loss_reduction == "mean":
-            scale = self.expected_batch_size * (self.accumulated_iterations if self.scale_by_accumulated_iterations else 1)
-            total.div_(scale)
         layout = collector.layout
         with profile_scope("dpdm_fast.grads_out"):
-            flat = total.clone()  # collector.reset() below zeroes `total`; the grads are views of this copy
-            for p in layout.params:
+            for p in layout.params:  # views of the flat tensor (no copy for fp32 parameters)
                 p.grad = layout.flat_view(flat, p).to(p.dtype) if id(p) in collector.active else None
             collector.reset()
         for hook in self.step_hooks:

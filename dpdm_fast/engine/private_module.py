@@ -66,12 +66,14 @@ class PrivateModule(nn.Module):
         self._in_rule = False
         self._closed = False
         self._handles = []
+        self._sites: list = []
         layout_ids = set(self.collector.layout.slots)
         for name, sub in module.named_modules():
             own = {n: p for n, p in sub.named_parameters(recurse=False) if id(p) in layout_ids}
             if not own:
                 continue
             site = _Site(self, name, sub, own, strict)
+            self._sites.append(site)
             self._handles.append(sub.register_forward_pre_hook(site.pre_hook, with_kwargs=True))
             self._handles.append(sub.register_forward_hook(site.forward_hook, with_kwargs=True, prepend=True,
                                                            always_call=True))
@@ -87,6 +89,16 @@ class PrivateModule(nn.Module):
         owner = weakref.ref(self)
         for p in self.trainable:
             self._handles.append(p.register_post_accumulate_grad_hook(partial(_refuse_ordinary_gradient, owner)))
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend computing per-group gradients and the clip/noise pass."""
+        return self.collector.backend.name
+
+    def computed_by(self) -> dict:
+        """{layer name: which code computes its per-group gradients} (a backend's kernel, the
+        torch rule, or the torch.func fallback)."""
+        return {site.name: site.computed_by for site in self._sites}
 
     @property
     def noise_multiplicity(self) -> int:
