@@ -11,6 +11,12 @@ REFERENCE = SHARED / "reference"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU the Triton kernels are tested in Triton's CPU interpreter, which must be chosen
+# before any kernel is defined (at the import of dpdm_fast.kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def need(path: Path) -> Path:
     if not path.exists():
