@@ -8,8 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ (Triton) lives at the top of the repository but installs as dpdm_fast.kernels.
-    packages=find_packages(include=["dpdm_fast", "dpdm_fast.*"]) + ["dpdm_fast.kernels"],
-    package_dir={"dpdm_fast.kernels": "kernels"},
+    # csrc/ (CUDA C++ sources, compiled on first use) installs as dpdm_fast.csrc.
+    packages=find_packages(include=["dpdm_fast", "dpdm_fast.*"]) + ["dpdm_fast.kernels", "dpdm_fast.csrc"],
+    package_dir={"dpdm_fast.kernels": "kernels", "dpdm_fast.csrc": "csrc"},
+    package_data={"dpdm_fast.csrc": ["*.cu", "*.cpp", "*.h"]},
     install_requires=[
         # Install torch first (pip install torch==2.13.0 for the CPU build), see README.
         "torch>=2.2",
