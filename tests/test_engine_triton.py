@@ -46,7 +46,7 @@ def small_rows(B, K, seed=0):
     x = torch.randn(B, 1, 6, 6, generator=g).repeat_interleave(K, 0)
     x = x + 0.3 * torch.randn(x.shape, generator=g)
     y = torch.randint(0, 10, (B,), generator=g).repeat_interleave(K)
-    return x, y, torch.randn(B * K, generator=g)
+    return x.to(DEVICE), y.to(DEVICE), torch.randn(B * K, generator=g).to(DEVICE)
 
 
 def small_losses(model, x, y, target):
@@ -86,9 +86,9 @@ def test_triton_matches_the_per_example_loop_with_sum_reduction():
     K, B, C = 3, 4, 1.35
     torch.manual_seed(0)
     rows = small_rows(B, K)
-    ref = per_example_loop_update(SmallUNetParts(), small_losses, rows, K, C, 1)
+    ref = per_example_loop_update(SmallUNetParts().to(DEVICE), small_losses, rows, K, C, 1)
     torch.manual_seed(0)
-    net = SmallUNetParts()
+    net = SmallUNetParts().to(DEVICE)
     pm, _ = zero_noise_engine(net, K, C, 1, "sum", backend="triton")
     assert {v for k, v in pm.computed_by().items() if k != "emb"} == {"triton kernel"}
     assert pm.computed_by()["emb"] == "torch rule"
@@ -100,7 +100,7 @@ def test_triton_matches_the_per_example_loop_with_sum_reduction():
 
 def _private_loop(backend, physical):
     torch.manual_seed(0)
-    net = SmallUNetParts()
+    net = SmallUNetParts().to(DEVICE)
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 10, (24,), generator=g))
     engine = PrivacyEngine(accountant="rdp")
@@ -110,8 +110,8 @@ def _private_loop(backend, physical):
     physical_batches = 0
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=opt) as batches:
         for x, y in batches:
-            K = 2
-            rows = (x.repeat_interleave(K, 0) + 0.1, y.repeat_interleave(K), torch.zeros(len(x) * K))
+            K, x, y = 2, x.to(DEVICE), y.to(DEVICE)
+            rows = (x.repeat_interleave(K, 0) + 0.1, y.repeat_interleave(K), torch.zeros(len(x) * K, device=DEVICE))
             small_losses(model, *rows).mean().backward()
             opt.step()
             physical_batches += 1
@@ -132,10 +132,10 @@ def test_triton_through_privacy_engine_with_physical_batches_equals_torch():
 def test_a_before_noise_hook_sees_the_clipped_sum_and_the_step_is_unchanged():
     def run(hook):
         torch.manual_seed(0)
-        net = SmallUNetParts()
+        net = SmallUNetParts().to(DEVICE)
         pm = PrivateModule(net, noise_multiplicity=2, max_grad_norm=0.1, backend="triton")
         opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), pm.collector, noise_multiplier=1.0,
-                          expected_batch_size=3, generator=torch.Generator().manual_seed(7))
+                          expected_batch_size=3, generator=torch.Generator(DEVICE).manual_seed(7))
         seen = []
         if hook:
             opt.before_noise.append(lambda total: seen.append(total.clone()))
@@ -151,20 +151,20 @@ def test_a_before_noise_hook_sees_the_clipped_sum_and_the_step_is_unchanged():
 def test_triton_noise_has_the_right_scale_and_follows_the_generator():
     def steps(gen, n=3, secure=False):
         torch.manual_seed(0)
-        model = nn.Linear(300, 100)
+        model = nn.Linear(300, 100).to(DEVICE)
         pm = PrivateModule(model, max_grad_norm=0.7, backend="triton")
         opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), pm.collector, noise_multiplier=1.5,
                           max_grad_norm=0.7, expected_batch_size=10, generator=gen, secure_mode=secure)
         out = []
         for _ in range(n):
-            pm(torch.zeros(0, 300)).sum().backward()   # empty batch: the update is pure noise
+            pm(torch.zeros(0, 300, device=DEVICE)).sum().backward()   # empty batch: the update is pure noise
             opt.step()
             out.append(flat_grad(model) * 10)
         return torch.stack(out)
-    a = steps(torch.Generator().manual_seed(1))
+    a = steps(torch.Generator(DEVICE).manual_seed(1))
     std = 1.5 * 0.7
     assert abs(a.mean().item()) < 5 * std / a.numel() ** 0.5 and a.std().item() == pytest.approx(std, rel=0.02)
-    assert torch.equal(a, steps(torch.Generator().manual_seed(1)))        # same seed: same noise
+    assert torch.equal(a, steps(torch.Generator(DEVICE).manual_seed(1)))        # same seed: same noise
     assert abs(torch.corrcoef(a[:2])[0, 1].item()) < 0.05                 # consecutive steps: fresh noise
     s = steps(None, n=2, secure=True)                                     # 4 draws / 2, OS-seeded
     assert s.std().item() == pytest.approx(std, rel=0.03)
@@ -175,11 +175,11 @@ def test_triton_with_bf16_autocast_clips_in_fp32():
     K, C = 2, 0.05
     torch.manual_seed(0)
     rows = small_rows(4, K)
-    ref = per_example_loop_update(SmallUNetParts(), small_losses, rows, K, C, 4)
+    ref = per_example_loop_update(SmallUNetParts().to(DEVICE), small_losses, rows, K, C, 4)
     torch.manual_seed(0)
-    net = SmallUNetParts()
+    net = SmallUNetParts().to(DEVICE)
     pm, opt = zero_noise_engine(net, K, C, 4, backend="triton")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss = small_losses(pm, *rows).float().mean()
     loss.backward()
     opt.step()

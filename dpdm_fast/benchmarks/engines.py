@@ -2,7 +2,8 @@
 
 Every engine trains the same network on the same B examples x K noisy rows (group-major):
   nonprivate    plain Adam on the mean loss: the floor
-  dpdm_fast     this engine, per backend (one gradient per example, the K-sum inside the GEMM)
+  dpdm_fast     this engine, torch backend (one gradient per example, the K-sum inside the GEMM);
+                dpdm_fast_triton / dpdm_fast_cuda: the same with the fused kernels (GPU only)
   opacus_kavg   Opacus 1.6 'hooks': B*K per-row gradients, averaged per example, clipped (what DPDM ran)
   opacus_ghost  Opacus 1.6 ghost clipping: clips each ROW, not each group of K rows, so it is a
                 different algorithm (a weaker privacy unit); a speed reference only
@@ -160,6 +161,8 @@ def _functorch(net, loss, rows, B, K, device):
 ENGINES: dict[str, tuple[Callable, str]] = {
     "nonprivate": (_nonprivate, "non-private Adam (floor)"),
     "dpdm_fast": (_dpdm_fast("torch"), "dpdm_fast, torch backend"),
+    "dpdm_fast_triton": (_dpdm_fast("triton"), "dpdm_fast, Triton kernels (GPU)"),
+    "dpdm_fast_cuda": (_dpdm_fast("cuda"), "dpdm_fast, CUDA C++ kernels (GPU)"),
     "opacus_kavg": (_opacus_kavg, "Opacus 1.6 hooks + K-averaging (DPDM's method)"),
     "opacus_ghost": (_opacus_ghost, "Opacus 1.6 ghost, clips per ROW: not the same algorithm"),
     "functorch": (_functorch, "torch.func vmap per-group grads"),
