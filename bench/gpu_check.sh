@@ -26,13 +26,13 @@ echo "== 1. correctness on the GPU (engine vs per-example loop and Opacus, rules
 DPDM_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
 
 echo "== 2. GPU grid =="
-ENGINES=nonprivate,dpdm_fast,functorch
+ENGINES=nonprivate,dpdm_fast,dpdm_fast_triton,functorch
 python3 -c "import opacus" 2>/dev/null && ENGINES=$ENGINES,opacus_kavg,opacus_ghost || echo "opacus missing: opacus_kavg and opacus_ghost NOT run"
 timeout 300 python3 -m dpdm_fast.cli bench --device cuda --engines "$ENGINES" --workloads mnist,celeba \
   --grid 64x32,256x32,1024x8 --repeats 5 --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
 
 echo "== 3. issue 8's (B, K) grid, both networks (DP / non-private per cell) =="
-GRID_ENGINES=nonprivate,dpdm_fast
+GRID_ENGINES=nonprivate,dpdm_fast,dpdm_fast_triton
 python3 -c "import opacus" 2>/dev/null && GRID_ENGINES=$GRID_ENGINES,opacus_kavg
 timeout 200 python3 -m dpdm_fast.cli bench --device cuda --engines "$GRID_ENGINES" --workloads small,mnist \
   --grid full --repeats 3 --no-memory --max-step-s 5 --out "$OUT/grid" 2>&1 | tee "$OUT/grid_log.txt"
