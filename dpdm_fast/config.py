@@ -153,6 +153,7 @@ class DPConfig:
     n_splits: int = 4   # each physical batch runs as n_splits passes (memory: max_physical_batch_size / n_splits examples)
     accountant: str = "rdp"
     secure_mode: bool = False
+    # auto (Triton kernels on a GPU, torch on the CPU) | torch | triton | cuda: see the README's Backends
     backend: str = "auto"
     # false: every per-group gradient takes its reference path instead of the fastest measured one, so
     # two runs with the same seed agree bitwise (slower where another path would have won)

@@ -203,3 +203,12 @@ def test_triton_on_cpu_without_the_interpreter_is_refused():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert "TRITON_INTERPRET=1" in out.stdout, out.stderr
+
+
+def test_triton_missing_is_an_error_not_a_fallback(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(RuntimeError, match="Triton, which is not installed"):
+        PrivateModule(nn.Linear(2, 2), backend="triton")
+    assert PrivateModule(nn.Linear(2, 2), backend="auto").backend == "torch"   # CPU: torch, no Triton needed

@@ -228,6 +228,20 @@ def test_bf16_autocast_and_secure_mode_runs_train_and_resume(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in load(tmp_path / "checkpoint.pt")["model"].values())
 
 
+@pytest.mark.slow   # about 3 minutes in Triton's interpreter on 2 CPU cores (seconds on a GPU)
+def test_training_with_the_triton_backend_runs_and_resumes(data, tmp_path):
+    """dp.backend=triton (Triton's interpreter here): the trainer's physical batches, noise generator
+    and checkpoints go through the fused kernels; the accounting does not depend on the backend."""
+    cfg = tiny_config(data, **{"dp.backend": "triton", "train.snapshot_freq": 1000})
+    first = train(cfg, tmp_path, max_steps=1, progress=False)
+    result = train(cfg, tmp_path, max_steps=2, resume=True, progress=False)
+    assert first.step == 1 and result.step == 2
+    plan = load(tmp_path / "checkpoint.pt")["privacy"]["plan"]
+    assert result.epsilon == pytest.approx(epsilon_after(plan["accountant"], plan["noise_multiplier"],
+                                                         plan["sample_rate"], 2, plan["delta"]))
+    assert all(torch.isfinite(v).all() for v in load(tmp_path / "checkpoint.pt")["model"].values())
+
+
 def test_snapshot_grids_come_from_the_ema_weights_and_fixed_noise(finished_run, data, tmp_path):
     workdir, _ = finished_run
     trainer = Trainer(tiny_config(data), tmp_path, progress=False)
