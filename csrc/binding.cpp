@@ -63,10 +63,15 @@ void clip_reduce(torch::Tensor buffer, torch::Tensor norms, torch::Tensor writte
   TORCH_CHECK(tiles.is_cuda() && tiles.scalar_type() == torch::kInt64 && tiles.is_contiguous() && tiles.dim() == 2 &&
               tiles.size(1) == 4, "tiles must be a contiguous (n, 4) int64 CUDA tensor");
   TORCH_CHECK(out.numel() == total.numel(), "out and total differ in size");
+  const int64_t B = norms.numel(), P = total.numel();
+  TORCH_CHECK(buffer.numel() >= B * P, "buffer holds ", buffer.numel(), " values, fewer than ", B, " x ", P);
+  TORCH_CHECK(draws == 1 || draws == 4, "draws must be 1 or 4");
+  TORCH_CHECK(P < (int64_t(1) << 31) / draws, "too many coordinates for 32-bit Philox counters: ", P);
+  TORCH_CHECK(written.is_contiguous() && tiles.numel() > 0, "written must be contiguous and tiles non-empty");
   const c10::cuda::CUDAGuard guard(total.device());
   check(dpdm::clip_reduce(buffer.data_ptr<float>(), norms.data_ptr<float>(), written.data_ptr<int32_t>(),
                           tiles.data_ptr<int64_t>(), tiles.size(0), total.data_ptr<float>(), out.data_ptr<float>(),
-                          norms.numel(), total.numel(), float(max_norm), float(scale), float(std), float(divisor),
+                          B, P, float(max_norm), float(scale), float(std), float(divisor),
                           uint64_t(seed), int(draws), final_pass ? 1 : 0, c10::cuda::getCurrentCUDAStream()),
         "clip_reduce");
 }

@@ -1,7 +1,7 @@
 // The clip / sum / noise pass over the flat per-example buffer: the twin of kernels/clip_noise.py.
 // One block per tile of one parameter's columns; every thread owns COLS columns and reads the tile's
 // B rows once. Noise: Philox4x32-10 (Salmon et al., SC'11), counter = (coordinate, draw, 0, 0),
-// key = the 64-bit seed, then Box-Muller: a pure function of (seed, coordinate), like the Triton pass
+// key = the 64-bit seed, then Box-Muller in fp64: a pure function of (seed, coordinate), like the Triton pass
 // (the two generators' streams differ; each is reproducible on its own).
 #include "dpdm_kernels.h"
 
@@ -23,16 +23,22 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 ctr, uint2 key) {
   return ctr;
 }
 
+// N(0, 1) from three uint32: Box-Muller in fp64, the radius from a 53-bit uniform in (0, 1) (a draw can
+// reach sqrt(2 * 54 * ln 2) = 8.65; fp32 uniforms would stop near 5.7, and bounded noise costs delta).
+__device__ __forceinline__ float normal_from_bits(uint32_t a, uint32_t b, uint32_t c) {
+  const double u1 = (double(a >> 5) * 67108864.0 + double(b >> 6) + 0.5) * (1.0 / 9007199254740992.0);
+  const double u2 = (double(c) + 0.5) * (1.0 / 4294967296.0);
+  return float(sqrt(-2.0 * log(u1)) * cospi(2.0 * u2));
+}
+
 __device__ __forceinline__ float standard_normal(uint64_t seed, uint32_t index, uint32_t draw) {
   const uint4 r = philox4x32_10(make_uint4(index, draw, 0u, 0u), make_uint2(uint32_t(seed), uint32_t(seed >> 32)));
-  const float u1 = (float(r.x >> 8) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]
-  const float u2 = float(r.y >> 8) * (1.0f / 16777216.0f);           // [0, 1)
-  return sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+  return normal_from_bits(r.x, r.y, r.z);
 }
 
 __global__ void __launch_bounds__(THREADS)
 clip_reduce_kernel(const float* __restrict__ buffer, const float* __restrict__ norms, const int32_t* __restrict__ written,
-                   const int64_t* __restrict__ tiles, const float* __restrict__ total, float* __restrict__ out, int64_t B,
+                   const int64_t* __restrict__ tiles, const float* total, float* out, int64_t B,  // total may be out
                    float max_norm, float scale, float std, float divisor, uint64_t seed, int draws, int final_pass) {
   __shared__ float factors[THREADS];
   const int64_t* t = tiles + 4 * int64_t(blockIdx.x);

@@ -8,10 +8,12 @@ parameter's columns and, for every example b, reads the tile's B rows once:
 
 then, in the final pass of a step (``FINAL``), adds Gaussian noise std * z[j] and divides by the
 expected batch size, writing the result into the flat gradient storage the parameters' ``.grad``
-views point to. z comes from Philox (``tl.randn``), a counter-based generator: z[j] is a function of
-(seed, j) only, so a step's noise is reproducible from its seed whatever the tiling or GPU. With
-``draws=4`` each coordinate is (z1 + z2 + z3 + z4) / 2 (the floating-point-attack defence of
-Holohan et al., as Opacus's secure mode), still N(0, 1).
+views point to. z comes from Philox (``tl.randint4x``), a counter-based generator: z[j] is a function
+of (seed, j) only, so a step's noise is reproducible from its seed whatever the tiling or GPU. The
+Gaussian is Box-Muller in fp64 from a 53-bit uniform in (0, 1), so a draw can reach 8.6 standard
+deviations (``tl.randn``'s fp32 version stops at 5.7: a bounded noise makes some outputs impossible
+under one neighbour, which costs delta). With ``draws=4`` each coordinate is (z1 + z2 + z3 + z4) / 2
+(the floating-point-attack defence of Holohan et al., as Opacus's secure mode), still N(0, 1).
 """
 from __future__ import annotations
 
@@ -20,12 +22,28 @@ import triton
 import triton.language as tl
 
 from ._common import check_output, interpreting
+from .tiles import tile_table as _tile_table
 
 # Columns per program; the interpreter pays Python time per program, so it takes far wider tiles.
 TILE = 1 << 16 if interpreting() else 1024
 
 
 @triton.jit
+def _normal_from_bits(i1, i2, i3):
+    """N(0, 1) from three uint32: Box-Muller in fp64, radius from a 53-bit uniform in (0, 1)
+    (at most sqrt(2 * 54 * ln 2) = 8.65), angle from a 32-bit one."""
+    u1 = ((i1 >> 5).to(tl.float64) * 67108864.0 + (i2 >> 6).to(tl.float64) + 0.5) * (1.0 / 9007199254740992.0)
+    u2 = (i3.to(tl.float64) + 0.5) * (1.0 / 4294967296.0)
+    return (tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)).to(tl.float32)
+
+
+@triton.jit
+def _normal(seed, idx):
+    i1, i2, i3, _ = tl.randint4x(seed, idx)
+    return _normal_from_bits(i1, i2, i3)
+
+
+@triton.jit(do_not_specialize=["seed"])
 def _clip_reduce_kernel(buf_ptr, norms_ptr, written_ptr, tiles_ptr, total_ptr, out_ptr,
                         B, P, max_norm, scale, std, divisor, seed,
                         BLOCK: tl.constexpr, FINAL: tl.constexpr, DRAWS: tl.constexpr):
@@ -47,21 +65,17 @@ def _clip_reduce_kernel(buf_ptr, norms_ptr, written_ptr, tiles_ptr, total_ptr, o
     if FINAL:
         if DRAWS > 0:
             idx = flat.to(tl.int32)
-            z = tl.randn(seed, idx)
+            z = _normal(seed, idx)
             if DRAWS == 4:
-                z = (z + tl.randn(seed, idx + P) + tl.randn(seed, idx + 2 * P) + tl.randn(seed, idx + 3 * P)) * 0.5
+                z = (z + _normal(seed, idx + P) + _normal(seed, idx + 2 * P) + _normal(seed, idx + 3 * P)) * 0.5
             total = total + std * z
         total = total / divisor
     tl.store(out_ptr + flat, total, mask=ok)
 
 
-def tile_table(numels: list[int], device: torch.device, tile: int = TILE) -> torch.Tensor:
-    """(tiles, 4) int64 rows (offset, numel, start, index): every parameter cut into column tiles."""
-    rows, offset = [], 0
-    for i, n in enumerate(numels):
-        rows += [(offset, n, s, i) for s in range(0, n, tile)]
-        offset += n
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 4)
+def tile_table(numels: list[int], device: torch.device | str, tile: int = TILE) -> torch.Tensor:
+    """(tiles, 4) int64 rows (offset, numel, start, index) for this kernel's tile width."""
+    return _tile_table(numels, device, tile)
 
 
 def clip_reduce(buffer: torch.Tensor, numels: list[int], written: torch.Tensor, norms: torch.Tensor,

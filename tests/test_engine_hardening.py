@@ -809,3 +809,35 @@ def test_a_dropped_engine_frees_its_per_example_buffer():
     del pm, opt, model
     gc.collect()
     assert collector() is None
+
+
+def test_a_failed_final_pass_discards_the_step_and_a_failed_fold_keeps_the_examples():
+    """The clip-weighted sum is deferred to the next backward or the step; if that pass fails, no
+    example's contribution is silently lost: a failed fold keeps its job, a failed step discards all."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    pm, opt = zero_noise_engine(model, 1, 1e3, 1, "sum")
+    x = torch.randn(2, 4)
+    backend = pm.collector.backend
+    real = backend.reduce
+
+    def failing(*a, **k):
+        raise RuntimeError("injected kernel failure")
+    pm(x[:1]).sum().backward()
+    backend.reduce = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        pm(x[1:]).sum().backward()        # folding example 0 in fails at the next backward's start
+    backend.reduce = real
+    pm(x[1:]).sum().backward()            # retried: example 0 is folded in now, example 1 pending
+    opt.step()
+    torch.manual_seed(0)
+    ref = nn.Linear(4, 3)
+    ref(x).sum().backward()
+    assert torch.allclose(model.weight.grad, ref.weight.grad, atol=1e-6)   # both examples, each once
+    opt.zero_grad()
+    pm(x).sum().backward()
+    backend.reduce = failing
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    backend.reduce = real
+    assert pm.collector.num_examples == 0 and not pm.collector.holds_examples   # discarded, not half-applied

@@ -10,13 +10,15 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import triton
+import triton.language as tl
 
 from conftest import DEVICE
 from dpdm_fast.engine.rules.conv import conv2d_rule
 from dpdm_fast.engine.rules.linear import linear_rule
 from dpdm_fast.engine.rules.nin import nin_rule
 from dpdm_fast.engine.rules.norm import group_norm_rule
-from dpdm_fast.kernels.clip_noise import TILE, clip_reduce, reference_clip_reduce, tile_table
+from dpdm_fast.kernels.clip_noise import TILE, _normal_from_bits, clip_reduce, reference_clip_reduce, tile_table
 from dpdm_fast.kernels.conv_weight_grad import conv2d_weight_grad, reference_conv2d_weight_grad
 from dpdm_fast.kernels.group_gemm import group_gemm, reference_group_gemm
 from dpdm_fast.kernels.group_norm_grad import group_norm_grad, reference_group_norm_grad
@@ -202,6 +204,27 @@ def test_noise_has_the_right_mean_and_std_and_follows_the_seed(draws):
     # no periodicity across tiles: neighbouring tiles are not copies of each other
     t = min(TILE, P // 2)
     assert not torch.allclose(a[:t], a[t:2 * t])
+
+
+@triton.jit
+def _normal_probe(a_ptr, b_ptr, c_ptr, out_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    out = _normal_from_bits(tl.load(a_ptr + i).to(tl.uint32), tl.load(b_ptr + i).to(tl.uint32),
+                            tl.load(c_ptr + i).to(tl.uint32))
+    tl.store(out_ptr + i, out)
+
+
+def test_gaussian_transform_reaches_far_tails_and_maps_bits_as_documented():
+    """The radius uses 53 random bits: the smallest uniform gives a draw of 8.65 standard deviations
+    (an fp32 transform such as tl.randn's stops at 5.7), the largest gives ~0."""
+    top = 2**32 - 1
+    a = torch.tensor([0, top, 0, 2**31], dtype=torch.int64, device=DEVICE)
+    b = torch.tensor([0, top, 0, 0], dtype=torch.int64, device=DEVICE)
+    c = torch.tensor([0, 0, 2**31, 2**30], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(4, device=DEVICE)
+    _normal_probe[(1,)](a, b, c, out, 4)
+    want = [math.sqrt(2 * 54 * math.log(2)), 0.0, -math.sqrt(2 * 54 * math.log(2)), 0.0]
+    assert out.tolist() == pytest.approx(want, abs=1e-4)
 
 
 def test_tile_table_covers_every_column_once():

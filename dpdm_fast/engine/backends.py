@@ -105,9 +105,10 @@ class TorchBackend:
 
 
 def noise_seed(generator: torch.Generator | None, device: torch.device) -> int:
-    """A step's Philox seed (63 bits), drawn from the noise generator (or torch's global RNG for
-    the device when None, so ``torch.manual_seed`` fixes it, as it fixes the torch path's noise)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+    """A step's Philox seed: 62 random bits drawn from the noise generator (or torch's global RNG for
+    the device when None, so ``torch.manual_seed`` fixes it, as it fixes the torch path's noise), with
+    bit 62 set so that every seed is a 64-bit kernel argument (one compiled kernel for all steps)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item()) | (1 << 62)
 
 
 BACKENDS = ("torch", "triton", "cuda")

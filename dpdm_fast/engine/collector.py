@@ -75,15 +75,17 @@ class GroupGradientCollector:
         return self._clipped_sum
 
     def flush(self) -> None:
-        """Fold the last backward's buffer into ``clipped_sum`` (it is about to be overwritten or read)."""
-        job, self._pending = self._pending, None
-        if job is not None:
-            self.backend.reduce(job, self._clipped_sum)
+        """Fold the last backward's buffer into ``clipped_sum`` (it is about to be overwritten or read).
+        The job is dropped only once folded in: a failed pass keeps it (and the step then fails too)."""
+        if self._pending is not None:
+            self.backend.reduce(self._pending, self._clipped_sum)
+            self._pending = None
 
     def finish(self, noise: Noise) -> torch.Tensor:
         """The step's flat gradient (clipped sum + noise) / divisor, in one pass over the last buffer."""
-        job, self._pending = self._pending, None
-        return self.backend.reduce(job, self._clipped_sum, noise)
+        out = self.backend.reduce(self._pending, self._clipped_sum, noise)
+        self._pending = None
+        return out
 
     @property
     def holds_examples(self) -> bool:

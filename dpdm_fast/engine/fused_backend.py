@@ -17,7 +17,7 @@ class FusedBackend(TorchBackend):
         self._tiles: dict = {}    # id(layout) -> (layout, its tile table on the device)
 
     def tile_table(self, numels: list, device: torch.device) -> torch.Tensor:
-        from dpdm_fast.kernels.clip_noise import tile_table
+        from dpdm_fast.kernels.tiles import tile_table   # (no Triton import: the CUDA backend needs no Triton)
         return tile_table(numels, device, self.tile)
 
     def _launch(self, buffer, numels, written, norms, max_norm, scale, total, tiles, final, std, divisor, seed,
@@ -43,7 +43,7 @@ class FusedBackend(TorchBackend):
         std, divisor, seed, draws, final = 0.0, 1.0, 0, 1, noise is not None
         if final:
             std, divisor, draws = noise.std, noise.divisor, 4 if noise.secure_mode else 1
-            seed = noise_seed(noise.generator, device) if noise.std else 0
+            seed = noise_seed(noise.generator, device) if noise.std else 1 << 62
             out = torch.empty_like(total) if out is None else out
         with profile_scope("dpdm_fast.clip_sum_noise" if final else "dpdm_fast.clip_sum"):
             self._launch(buffer, numels, written, norms, max_norm, scale, total, tiles, final, std, divisor, seed,

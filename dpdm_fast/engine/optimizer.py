@@ -179,16 +179,20 @@ class DPOptimizer(Optimizer):
             self._discard()
             raise
         self.accumulated_iterations = batches
-        if self.before_noise:
-            total = collector.clipped_sum   # (folds the last backward in first)
-            for hook in self.before_noise:
-                hook(total)
         divisor = 1
         if self.loss_reduction == "mean":
             divisor = self.expected_batch_size * (self.accumulated_iterations if self.scale_by_accumulated_iterations else 1)
-        # the backend's final pass: the last backward's clip-weighted sum, noise, division, into one flat tensor
-        flat = collector.finish(Noise(self.noise_multiplier * self.max_grad_norm, self.generator, self.secure_mode,
-                                      divisor))
+        try:
+            if self.before_noise:
+                total = collector.clipped_sum   # (folds the last backward in first)
+                for hook in self.before_noise:
+                    hook(total)
+            # the backend's final pass: the last backward's clip-weighted sum, noise, division, into one flat tensor
+            flat = collector.finish(Noise(self.noise_multiplier * self.max_grad_norm, self.generator,
+                                          self.secure_mode, divisor))
+        except BaseException:
+            self._discard()   # nothing half-applied: the step's clipped sums are dropped, as for a refused step
+            raise
         if self.secure_mode:  # re-seed so the stream cannot be replayed from one observed seed
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         layout = collector.layout
