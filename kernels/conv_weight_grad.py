@@ -34,6 +34,9 @@ def _conv_weight_grad_kernel(x_ptr, g_ptr, out_ptr, sq_ptr,
     kw = n % KW
     m_ok = m < O
     n_ok = n < NCOL
+    # the input offset of (position r, column n) splits into a part of r and a part of n, so the
+    # per-element index work in the loop is one add and the bounds checks
+    col_off = c * sxc + kh * sxh + kw * sxw
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for r0 in range(0, R, BR):
         r = r0 + tl.arange(0, BR)                     # (k, ho, wo) of the group's output positions
@@ -45,10 +48,13 @@ def _conv_weight_grad_kernel(x_ptr, g_ptr, out_ptr, sq_ptr,
         row = (b * K + k).to(tl.int64)
         a = tl.load(g_ptr + row[None, :] * sgn + m[:, None] * sgo + ho[None, :] * sgh + wo[None, :] * sgw,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        ih = ho[:, None] * SH - PH + kh[None, :]
-        iw = wo[:, None] * SW - PW + kw[None, :]
+        h0 = ho * SH - PH                             # the patch's top-left input pixel
+        w0 = wo * SW - PW
+        ih = h0[:, None] + kh[None, :]
+        iw = w0[:, None] + kw[None, :]
         inside = r_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        patch = tl.load(x_ptr + row[:, None] * sxn + c[None, :] * sxc + ih * sxh + iw * sxw, mask=inside, other=0.0)
+        row_off = row * sxn + h0 * sxh + w0 * sxw
+        patch = tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=inside, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             patch = patch.to(tl.float32)
