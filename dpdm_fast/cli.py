@@ -161,7 +161,64 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead of interleaved in one process")
     bench.add_argument("--out", default="bench/out", help="folder for results.json, results.md, results.png")
     bench.set_defaults(func=cmd_bench)
+    ev = sub.add_parser("eval", help="downstream accuracy and FID of samples (the paper's protocol), or the DP-SGD "
+                                     "classifier baseline (--dp-baseline)")
+    ev.add_argument("samples", nargs="?", default=None, help="SAMPLES.npz as `dpdm-fast sample` writes it")
+    ev.add_argument("--dataset", required=True, choices=("mnist", "fmnist", "celeba"))
+    ev.add_argument("--data-dir", required=True, help="the real dataset (its test set for accuracy, its training "
+                                                       "set for FID statistics and the DP baseline)")
+    ev.add_argument("--classifiers", default="logreg,mlp,cnn", help="comma list of logreg, mlp, cnn ('' for none)")
+    ev.add_argument("--epochs", type=int, default=None, help="override the protocol's 50 epochs (recorded in the "
+                                                            "report as a reduced protocol); DP baseline: its epochs")
+    ev.add_argument("--fid", action="store_true", help="also compute FID (Inception-v3 from torch-fidelity)")
+    ev.add_argument("--inception-weights", default=None, help="the Inception weights file, for offline machines")
+    ev.add_argument("--epsilon", type=float, default=None, help="the samples' training eps (selects the paper's row); "
+                                                                "with --dp-baseline: the target eps")
+    ev.add_argument("--delta", type=float, default=1e-5, help="DP baseline's delta")
+    ev.add_argument("--dp-baseline", action="store_true", help="train the CNN on the real data with DP-SGD instead")
+    ev.add_argument("--max-steps", type=int, default=None, help="DP baseline: stop after this many steps (a check)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default="eval_out", help="folder for report.json and report.md")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_eval)
     return parser
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Downstream classifiers and FID of a SAMPLES.npz, or the DP-SGD classifier baseline."""
+    from .evaluation import run
+    from .evaluation.inception import InceptionUnavailable
+    from .evaluation.samples import SamplesError
+    try:
+        if args.dp_baseline:
+            if args.samples is not None:
+                raise ValueError("--dp-baseline trains on the real data: give no SAMPLES.npz")
+            if args.epsilon is None:
+                raise ValueError("--dp-baseline needs --epsilon (the privacy budget of the DP-SGD classifier)")
+            report = run.dp_baseline(args.dataset, args.data_dir, args.out, epsilon=args.epsilon, delta=args.delta,
+                                     epochs=args.epochs, max_steps=args.max_steps, seed=args.seed, device=args.device,
+                                     progress=not args.no_progress)
+            b = report["dp_baseline"]
+            print(f"DP-SGD CNN on real {args.dataset}: test accuracy {b['test_accuracy']:.4f} at eps={b['epsilon']:.3f} "
+                  f"(delta={b['delta']:g}, {b['steps']} steps); report in {args.out}")
+            return 0
+        if args.samples is None:
+            raise ValueError("give SAMPLES.npz (from `dpdm-fast sample`), or --dp-baseline")
+        classifiers = [c for c in args.classifiers.split(",") if c]
+        report = run.evaluate(args.samples, args.dataset, args.data_dir, args.out, classifiers=classifiers,
+                              epochs=args.epochs or run.downstream.EPOCHS, fid=args.fid,
+                              inception_weights=args.inception_weights, epsilon=args.epsilon, seed=args.seed,
+                              device=args.device, progress=not args.no_progress)
+    except (SamplesError, InceptionUnavailable) as e:
+        print(f"dpdm-fast: error: {e}", file=sys.stderr)
+        return 2
+    for name, c in report["classifiers"].items():
+        print(f"{name}: real test accuracy {c['test_accuracy']:.4f} (epoch {c['best_epoch']} of {c['epochs']})")
+    if "fid" in report:
+        print(f"FID: {report['fid']:.3f}")
+    print(f"report in {args.out}/report.json and report.md")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,94 @@
+"""``dpdm-fast eval``: the pieces in order (samples -> downstream classifiers / FID -> report)."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from . import downstream
+from .samples import dataset_spec, load_samples, real_split
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DPDM_FAST_CACHE", Path.home() / ".cache" / "dpdm_fast"))
+
+
+def evaluate(samples: str | Path, dataset: str, data_dir: str | Path, out: str | Path, *,
+             classifiers: list[str] | None = None, epochs: int = downstream.EPOCHS, fid: bool = False,
+             inception_weights: str | Path | None = None, epsilon: float | None = None, seed: int = 0,
+             device: str = "cpu", progress: bool = True, fid_network=None) -> dict:
+    """Evaluate a SAMPLES.npz by the paper's protocol and write report.json / report.md into ``out``.
+
+    ``fid_network``: (name, module) in place of Inception (tests use a small stand-in)."""
+    from .report import paper_rows, write_report
+    from .classifiers import CLASSIFIERS
+    spec = dataset_spec(dataset)
+    classifiers = ["logreg", "mlp", "cnn"] if classifiers is None else classifiers
+    unknown = sorted(set(classifiers) - set(CLASSIFIERS))
+    if unknown:
+        raise ValueError(f"unknown classifiers {unknown}; choose from {sorted(CLASSIFIERS)}")
+    if spec.classes is None:
+        classifiers = []
+    if not classifiers and not fid:
+        raise ValueError(f"nothing to evaluate: no classifiers{' (unlabelled dataset)' if spec.classes is None else ''} "
+                         "and no --fid")
+    images, labels, notes = load_samples(samples, dataset, need_labels=bool(classifiers))
+    if epochs != downstream.EPOCHS:
+        notes.append(f"reduced protocol: {epochs} epochs instead of the protocol's {downstream.EPOCHS}")
+    report = {"dataset": dataset, "samples": str(samples), "n_samples": len(images), "notes": notes, "seed": seed,
+              "epsilon": epsilon, "paper": paper_rows(dataset, epsilon), "classifiers": {}}
+    if classifiers:
+        test_x, test_y = real_split(dataset, data_dir, train=False)
+        report["protocol"] = {"description": f"{len(images)} samples split 90/10 (seed {seed}); Adam lr "
+                                             f"{downstream.LR}, batch {downstream.BATCH}, {epochs} epochs; the epoch "
+                                             "with the best synthetic-validation accuracy is selected and its "
+                                             f"accuracy on the {len(test_x)} real test images reported",
+                              "lr": downstream.LR, "batch_size": downstream.BATCH, "epochs": epochs,
+                              "val_fraction": downstream.VAL_FRACTION}
+        for name in classifiers:
+            result = downstream.train_downstream(name, images, labels, test_x, test_y, epochs=epochs, seed=seed,
+                                                 device=device, progress=progress)
+            report["classifiers"][name] = asdict(result)
+    if fid:
+        report["fid"], report["fid_settings"] = _fid(images, dataset, data_dir, inception_weights, device,
+                                                     progress, fid_network)
+    write_report(out, report)
+    return report
+
+
+def _fid(images, dataset, data_dir, inception_weights, device, progress, fid_network):
+    from .fid import fid, reference_statistics
+    if fid_network is None:
+        from .inception import load_inception
+        name, network = "inception-v3-compat", load_inception(inception_weights, device)
+    else:
+        name, network = fid_network
+    mu, sigma, cache, computed = reference_statistics(
+        dataset, data_dir, network, name, cache_dir(), lambda: real_split(dataset, data_dir, train=True)[0],
+        device=device, progress=progress)
+    value = fid(images, (mu, sigma), network, device=device, progress=progress)
+    settings = {"network": name, "reference": f"{dataset} training set", "reference_cache": str(cache),
+                "reference_computed_now": computed,
+                "description": f"{name} 2048-d pool features of uint8 images (grayscale repeated to 3 channels, "
+                               f"resized by the network), against the {dataset} training set's statistics"}
+    return value, settings
+
+
+def dp_baseline(dataset: str, data_dir: str | Path, out: str | Path, *, epsilon: float, delta: float = 1e-5,
+                epochs: int | None = None, max_steps: int | None = None, seed: int = 0, device: str = "cpu",
+                progress: bool = True) -> dict:
+    """The CNN trained directly on the real training set with DP-SGD at ``epsilon``; report in ``out``."""
+    from .dp_baseline import as_dict, train_dp_baseline
+    from .report import paper_rows, write_report
+    spec = dataset_spec(dataset)
+    if spec.classes is None:
+        raise ValueError(f"the DP baseline is a classifier: {dataset} has no labels")
+    x, y = real_split(dataset, data_dir, train=True)
+    xt, yt = real_split(dataset, data_dir, train=False)
+    result = train_dp_baseline(x, y, xt, yt, epsilon=epsilon, delta=delta, epochs=epochs, max_steps=max_steps,
+                               seed=seed, device=device, progress=progress)
+    notes = [] if max_steps is None else [f"stopped after {result.steps} steps (--max-steps): not a full run"]
+    report = {"dataset": dataset, "notes": notes, "seed": seed, "epsilon": epsilon,
+              "paper": paper_rows(dataset, epsilon), "dp_baseline": as_dict(result)}
+    write_report(out, report)
+    return report

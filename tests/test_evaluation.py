@@ -1,0 +1,220 @@
+"""Evaluation (issue 11): the Frechet distance, FID plumbing with a stand-in network, the Inception
+loader without torchvision, the downstream protocol on real MNIST, the DP baseline, sample checks
+and the CLI. Offline: real data from ../shared/data, nothing downloaded."""
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from opacus.accountants import RDPAccountant
+
+from conftest import DATA, need
+from dpdm_fast.cli import main
+from dpdm_fast.evaluation import fid as fid_mod
+from dpdm_fast.evaluation.downstream import train_downstream
+from dpdm_fast.evaluation.frechet import frechet_distance, statistics
+from dpdm_fast.evaluation.inception import InceptionUnavailable, extractor_class, load_inception, weights_path
+from dpdm_fast.evaluation.run import dp_baseline, evaluate
+from dpdm_fast.evaluation.samples import SamplesError, load_samples, real_split
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    root = need(DATA / "mnist")
+    return real_split("mnist", root, train=True), real_split("mnist", root, train=False), root
+
+
+# -- the Frechet distance ------------------------------------------------------------------------
+def _sqrt_psd(a):
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def test_frechet_distance_on_gaussians_with_known_answers():
+    assert frechet_distance([0.0], [[1.0]], [1.0], [[4.0]]) == pytest.approx(1 + 1 + 4 - 2 * 2)
+    a, b = np.array([1.0, 2.0, 3.0]), np.array([4.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()   # commuting (diagonal) covariances
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
+    rng = np.random.default_rng(0)
+    for d in (5, 40):   # general covariances: tr sqrt(S1 S2) = tr sqrt(S1^1/2 S2 S1^1/2), computed by eigh
+        m1, m2 = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+        s1, s2 = m1 @ m1.T + 0.1 * np.eye(d), m2 @ m2.T + 0.1 * np.eye(d)
+        r1 = _sqrt_psd(s1)
+        direct = np.trace(s1) + np.trace(s2) - 2 * np.trace(_sqrt_psd(r1 @ s2 @ r1))
+        assert frechet_distance(np.zeros(d), s1, np.zeros(d), s2) == pytest.approx(direct, rel=1e-8)
+
+
+def test_frechet_distance_of_identical_and_singular_statistics():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(10, 50))          # 10 samples in 50-d: a rank-9 covariance
+    mu, sigma = statistics(x)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-4 * np.trace(sigma)   # rank-deficient: sqrtm is inexact
+    assert math.isfinite(frechet_distance(mu, sigma, mu + 1, sigma))
+    with pytest.raises(ValueError, match="mismatched"):
+        frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+
+
+# -- FID plumbing with a stand-in network ---------------------------------------------------------
+class StandIn(nn.Module):
+    """uint8 (N, 3, H, W) -> (N, 8): a fixed random projection of pooled pixels (Inception's place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3 * 16, 8)
+        self.seen = []
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        self.seen.append(tuple(x.shape))
+        return self.proj(nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1))
+
+
+def test_network_input_repeats_grayscale_and_keeps_uint8():
+    img = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    x = fid_mod.to_network_input(img)
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 28, 28)
+    assert torch.equal(x[:, 0], x[:, 2]) and torch.equal(x[:, 1], torch.from_numpy(img[..., 0]))
+    with pytest.raises(ValueError, match="uint8"):
+        fid_mod.to_network_input(img.astype(np.float32))
+
+
+def test_reference_statistics_are_cached_per_data_copy_and_fid_separates(mnist, tmp_path):
+    (train_x, _), _, root = mnist
+    torch.manual_seed(0)
+    net = StandIn()
+    calls = []
+
+    def real():
+        calls.append(1)
+        return train_x[:500]
+    kw = dict(progress=False, batch=128)
+    mu, sigma, cache, computed = fid_mod.reference_statistics("mnist", root, net, "standin", tmp_path, real, **kw)
+    assert computed and cache.is_file() and len(calls) == 1 and net.seen[0] == (128, 3, 28, 28)
+    mu2, _, cache2, computed2 = fid_mod.reference_statistics("mnist", root, net, "standin", tmp_path, real, **kw)
+    assert not computed2 and cache2 == cache and len(calls) == 1 and np.array_equal(mu, mu2)
+    other = tmp_path / "other_copy"
+    other.mkdir()
+    (other / "train-images-idx3-ubyte.gz").write_bytes(b"x" * 10)   # different files: different statistics
+    assert fid_mod.reference_key("mnist", other, "standin") != fid_mod.reference_key("mnist", root, "standin")
+    same = fid_mod.fid(train_x[500:1000], (mu, sigma), net, **kw)
+    shifted = fid_mod.fid(np.clip(train_x[500:1000].astype(int) + 90, 0, 255).astype(np.uint8), (mu, sigma), net, **kw)
+    assert 0 <= same < shifted / 10
+
+
+# -- Inception from torch-fidelity, without torchvision -------------------------------------------
+def test_inception_weights_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(InceptionUnavailable, match="--inception-weights PATH"):
+        weights_path(None, download=False)
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(InceptionUnavailable, match="could not be downloaded .*network unreachable.*github.com"):
+        weights_path(None)
+    with pytest.raises(InceptionUnavailable, match="no such file"):
+        weights_path(tmp_path / "missing.pth")
+
+
+def test_the_real_inception_architecture_loads_and_runs_without_torchvision(tmp_path, monkeypatch):
+    """torch-fidelity's FID network with random weights (the real ones need a download): 2048-d
+    features from uint8 MNIST-sized inputs, and torchvision never imported."""
+    import sys
+    cls = extractor_class()
+    monkeypatch.setattr(cls, "load_state_dict", lambda self, sd, *a, **k: None)
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    random_weights = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)).state_dict()
+    monkeypatch.undo()
+    path = tmp_path / "random_inception.pth"
+    torch.save(random_weights, path)
+    net = load_inception(path)
+    img = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    with torch.no_grad():
+        out = net(fid_mod.to_network_input(img))
+    assert out.shape == (2, 2048) and torch.isfinite(out).all()
+    assert "torchvision" not in sys.modules
+
+
+# -- samples ------------------------------------------------------------------------------------
+def _npz(path, images, labels=None):
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("images,labels,match", [
+    (np.zeros((4, 28, 28, 3), np.uint8), np.zeros(4, np.int64), "28 x 28 x 1"),
+    (np.zeros((4, 32, 32, 1), np.uint8), np.zeros(4, np.int64), "28 x 28 x 1"),
+    (np.zeros((4, 28, 28, 1), np.float32), np.zeros(4, np.int64), "uint8"),
+    (np.zeros((4, 28, 28, 1), np.uint8), None, "no 'labels'"),
+    (np.zeros((4, 28, 28, 1), np.uint8), np.array([0, 1, 10, -1]), "outside 0..9"),
+    (np.zeros((4, 28, 28, 1), np.uint8), np.zeros(3, np.int64), "must be 4 integers"),
+])
+def test_samples_that_do_not_fit_are_refused(tmp_path, images, labels, match):
+    with pytest.raises(SamplesError, match=match):
+        load_samples(_npz(tmp_path / "s.npz", images, labels), "mnist")
+
+
+def test_fewer_samples_than_the_protocol_warn_and_say_so(tmp_path):
+    path = _npz(tmp_path / "s.npz", np.zeros((5, 28, 28), np.uint8), np.arange(5))
+    with pytest.warns(UserWarning, match="reduced protocol: 5 samples"):
+        images, labels, notes = load_samples(path, "mnist")
+    assert images.shape == (5, 28, 28, 1) and labels.dtype == np.int64 and "60000" in notes[0]
+
+
+# -- the downstream protocol and the DP baseline on real MNIST ------------------------------------
+def test_the_protocol_cnn_trained_on_10k_real_images_exceeds_97_percent(mnist):
+    """Proves the classifier and protocol code: real training images in place of samples."""
+    (x, y), (xt, yt), _ = mnist
+    result = train_downstream("cnn", x[:10000], y[:10000], xt, yt, epochs=20, seed=0, progress=False)
+    assert result.test_accuracy > 0.97, result.history
+    assert result.n_train == 9000 and result.n_val == 1000
+    best = max(range(20), key=lambda i: result.history[i][0])          # selected by synthetic validation
+    assert result.best_epoch == best + 1 and result.test_accuracy == result.history[best][1]
+
+
+def test_dp_baseline_runs_steps_and_reports_the_accountants_epsilon(mnist, tmp_path):
+    _, _, root = mnist
+    report = dp_baseline("mnist", root, tmp_path, epsilon=1.0, max_steps=3, progress=False)
+    b = report["dp_baseline"]
+    acc = RDPAccountant()
+    acc.history = [(b["noise_multiplier"], 1 / math.ceil(60000 / 256), 3)]   # the Poisson loader's rate
+    assert b["steps"] == 3 and b["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert 0 < b["epsilon"] < 1.0 and 0 <= b["test_accuracy"] <= 1
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["dp_baseline"]["epsilon"] == b["epsilon"] and "not a full run" in saved["notes"][0]
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_eval_cli_writes_the_report_with_the_reduced_protocol_stated(mnist, tmp_path, capsys):
+    (x, y), _, root = mnist
+    samples = _npz(tmp_path / "samples.npz", x[:2000], y[:2000])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["eval", str(samples), "--dataset", "mnist", "--data-dir", str(root), "--classifiers", "logreg,mlp",
+                   "--epochs", "3", "--epsilon", "10", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for name in ("logreg", "mlp"):
+        assert 0.3 < report["classifiers"][name]["test_accuracy"] <= 1.0     # learnt something (chance: 0.1)
+    assert any("2000 samples" in n for n in report["notes"]) and any("3 epochs" in n for n in report["notes"])
+    assert report["paper"] == {"10.0": {"fid": 5.01, "cnn": 0.981, "logreg": 0.908, "mlp": 0.948}}
+    assert "torch" in report["versions"] and "| logreg |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_cli_errors_name_the_problem(mnist, tmp_path, capsys):
+    (x, y), _, root = mnist
+    samples = _npz(tmp_path / "samples.npz", x[:10], y[:10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["eval", str(samples), "--dataset", "mnist", "--data-dir", str(root), "--classifiers", "",
+                   "--fid", "--inception-weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no such file" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "mnist", "--data-dir", str(root), "--dp-baseline"]) == 2
+    assert "--epsilon" in capsys.readouterr().err
