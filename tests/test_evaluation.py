@@ -17,7 +17,7 @@ from dpdm_fast.evaluation import fid as fid_mod
 from dpdm_fast.evaluation.downstream import train_downstream
 from dpdm_fast.evaluation.frechet import frechet_distance, statistics
 from dpdm_fast.evaluation.inception import InceptionUnavailable, extractor_class, load_inception, weights_path
-from dpdm_fast.evaluation.run import dp_baseline, evaluate
+from dpdm_fast.evaluation.run import dp_baseline
 from dpdm_fast.evaluation.samples import SamplesError, load_samples, real_split
 
 
