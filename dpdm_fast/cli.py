@@ -207,7 +207,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError("give SAMPLES.npz (from `dpdm-fast sample`), or --dp-baseline")
         classifiers = [c for c in args.classifiers.split(",") if c]
         report = run.evaluate(args.samples, args.dataset, args.data_dir, args.out, classifiers=classifiers,
-                              epochs=args.epochs or run.downstream.EPOCHS, fid=args.fid,
+                              epochs=run.downstream.EPOCHS if args.epochs is None else args.epochs, fid=args.fid,
                               inception_weights=args.inception_weights, epsilon=args.epsilon, seed=args.seed,
                               device=args.device, progress=not args.no_progress)
     except (SamplesError, InceptionUnavailable) as e:

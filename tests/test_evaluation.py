@@ -17,7 +17,7 @@ from dpdm_fast.evaluation import fid as fid_mod
 from dpdm_fast.evaluation.downstream import train_downstream
 from dpdm_fast.evaluation.frechet import frechet_distance, statistics
 from dpdm_fast.evaluation.inception import InceptionUnavailable, extractor_class, load_inception, weights_path
-from dpdm_fast.evaluation.run import dp_baseline
+from dpdm_fast.evaluation.run import dp_baseline, evaluate
 from dpdm_fast.evaluation.samples import SamplesError, load_samples, real_split
 
 
@@ -82,27 +82,42 @@ def test_network_input_repeats_grayscale_and_keeps_uint8():
         fid_mod.to_network_input(img.astype(np.float32))
 
 
-def test_reference_statistics_are_cached_per_data_copy_and_fid_separates(mnist, tmp_path):
+def test_reference_statistics_are_cached_per_content_and_fid_separates(mnist, tmp_path):
     (train_x, _), _, root = mnist
     torch.manual_seed(0)
     net = StandIn()
-    calls = []
-
-    def real():
-        calls.append(1)
-        return train_x[:500]
     kw = dict(progress=False, batch=128)
-    mu, sigma, cache, computed = fid_mod.reference_statistics("mnist", root, net, "standin", tmp_path, real, **kw)
-    assert computed and cache.is_file() and len(calls) == 1 and net.seen[0] == (128, 3, 28, 28)
-    mu2, _, cache2, computed2 = fid_mod.reference_statistics("mnist", root, net, "standin", tmp_path, real, **kw)
-    assert not computed2 and cache2 == cache and len(calls) == 1 and np.array_equal(mu, mu2)
-    other = tmp_path / "other_copy"
-    other.mkdir()
-    (other / "train-images-idx3-ubyte.gz").write_bytes(b"x" * 10)   # different files: different statistics
-    assert fid_mod.reference_key("mnist", other, "standin") != fid_mod.reference_key("mnist", root, "standin")
+    mu, sigma, cache, computed = fid_mod.reference_statistics("mnist", train_x[:500], net, "standin", tmp_path, **kw)
+    assert computed and cache.is_file() and net.seen[0] == (128, 3, 28, 28)
+    seen = len(net.seen)
+    mu2, _, cache2, computed2 = fid_mod.reference_statistics("mnist", train_x[:500], net, "standin", tmp_path, **kw)
+    assert not computed2 and cache2 == cache and np.array_equal(mu, mu2) and len(net.seen) == seen   # no recompute
+    changed = train_x[:500].copy()
+    changed[0, 0, 0, 0] ^= 1                                        # one pixel of another copy of the data
+    assert fid_mod.reference_key("mnist", changed, "standin") != fid_mod.reference_key("mnist", train_x[:500], "standin")
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"0" * 7)
+    assert fid_mod.reference_key("mnist", train_x[:500], "standin", weights) != cache.stem.split("fid-stats-")[1]
     same = fid_mod.fid(train_x[500:1000], (mu, sigma), net, **kw)
     shifted = fid_mod.fid(np.clip(train_x[500:1000].astype(int) + 90, 0, 255).astype(np.uint8), (mu, sigma), net, **kw)
     assert 0 <= same < shifted / 10
+
+
+def test_evaluate_reports_fid_and_checks_the_fid_network_before_training(mnist, tmp_path, monkeypatch):
+    (x, y), _, root = mnist
+    monkeypatch.setenv("DPDM_FAST_CACHE", str(tmp_path / "cache"))
+    samples = _npz(tmp_path / "s.npz", x[:300], y[:300])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = evaluate(samples, "mnist", root, tmp_path / "out", classifiers=[], fid=True,
+                          fid_network=("standin", StandIn()), progress=False)
+        assert 0 < report["fid"] < 1.0 and json.loads((tmp_path / "out" / "report.json").read_text())["fid"] == report["fid"]
+        assert "## FID" in (tmp_path / "out" / "report.md").read_text()
+        import dpdm_fast.evaluation.downstream as downstream
+        monkeypatch.setattr(downstream, "train_downstream", lambda *a, **k: pytest.fail("trained before FID setup"))
+        with pytest.raises(InceptionUnavailable):
+            evaluate(samples, "mnist", root, tmp_path / "out2", classifiers=["cnn"], fid=True,
+                     inception_weights=tmp_path / "missing.pth", progress=False)
 
 
 # -- Inception from torch-fidelity, without torchvision -------------------------------------------
@@ -124,6 +139,9 @@ def test_the_real_inception_architecture_loads_and_runs_without_torchvision(tmp_
     """torch-fidelity's FID network with random weights (the real ones need a download): 2048-d
     features from uint8 MNIST-sized inputs, and torchvision never imported."""
     import sys
+    import importlib.util
+    if importlib.util.find_spec("torch_fidelity") is None:   # (importorskip would run its __init__: torchvision)
+        pytest.skip("torch-fidelity is not installed: pip install --no-deps torch-fidelity==0.4.0")
     cls = extractor_class()
     monkeypatch.setattr(cls, "load_state_dict", lambda self, sd, *a, **k: None)
     empty = tmp_path / "empty.pth"
@@ -159,6 +177,12 @@ def _npz(path, images, labels=None):
 def test_samples_that_do_not_fit_are_refused(tmp_path, images, labels, match):
     with pytest.raises(SamplesError, match=match):
         load_samples(_npz(tmp_path / "s.npz", images, labels), "mnist")
+
+
+def test_a_plain_npy_file_is_refused(tmp_path):
+    np.save(tmp_path / "s.npy", np.zeros((4, 28, 28, 1), np.uint8))
+    with pytest.raises(SamplesError, match="not an .npz"):
+        load_samples(tmp_path / "s.npy", "mnist")
 
 
 def test_fewer_samples_than_the_protocol_warn_and_say_so(tmp_path):

@@ -4,7 +4,8 @@ As published (``../shared/REFERENCE.md``, section 5): the samples are split 90/1
 validation sets; Adam, learning rate 3e-4, batch 128, up to 50 epochs; the epoch with the best
 accuracy on the synthetic validation set is selected and that epoch's accuracy on the REAL test
 set is reported. Seeded: the split, the initialisation, the batch order and dropout all come from
-one seed, so a run is repeatable on one machine.
+one seed, so a run is repeatable on one CPU machine (on a GPU, cuDNN's convolution backward is not
+deterministic unless ``torch.backends.cudnn.deterministic`` is set).
 """
 from __future__ import annotations
 

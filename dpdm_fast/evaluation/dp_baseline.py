@@ -43,7 +43,9 @@ def train_dp_baseline(images: np.ndarray, labels: np.ndarray, test_images: np.nd
     """DP-SGD training of the protocol's CNN on real data; ``max_steps`` stops early (tests), and the
     reported epsilon is always what the accountant says for the steps taken."""
     from ..engine import PrivacyEngine
-    settings = dict(SETTINGS, epochs=epochs or SETTINGS["epochs"], seed=seed)
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    settings = dict(SETTINGS, epochs=SETTINGS["epochs"] if epochs is None else epochs, seed=seed)
     torch.manual_seed(seed)
     model = build_classifier(settings["classifier"]).to(device)
     data = TensorDataset(to_tensor(images), torch.from_numpy(labels))

@@ -34,22 +34,25 @@ def features(images: np.ndarray, network: Callable[[torch.Tensor], torch.Tensor]
     return np.concatenate(out)
 
 
-def reference_key(dataset: str, data_dir: str | Path, network_name: str) -> str:
-    """Cache key of a dataset's reference statistics: its name, the network, and the names and sizes
-    of the files in the data folder (a different copy of the data gets its own statistics)."""
-    files = sorted((p.name, p.stat().st_size) for p in Path(data_dir).iterdir() if p.is_file())
-    digest = hashlib.sha256(json.dumps([dataset, network_name, files]).encode()).hexdigest()[:16]
-    return f"{dataset}-{network_name}-{digest}"
+def reference_key(dataset: str, real_images: np.ndarray, network_name: str, weights: str | Path | None = None) -> str:
+    """Cache key of a dataset's reference statistics: the dataset, the network (and its weights file's
+    name and size), and a hash of the very images the statistics are computed from."""
+    h = hashlib.sha256(np.ascontiguousarray(real_images).data)
+    ident = [dataset, network_name, list(real_images.shape)]
+    if weights is not None:
+        ident += [Path(weights).name, Path(weights).stat().st_size]
+    h.update(json.dumps(ident).encode())
+    return f"{dataset}-{network_name}-{h.hexdigest()[:16]}"
 
 
-def reference_statistics(dataset: str, data_dir: str | Path, network: Callable, network_name: str,
-                         cache_dir: str | Path, real_images: Callable[[], np.ndarray], **kw) -> tuple:
-    """(mu, sigma, cache file, computed now?) of the training set's features, from the cache when there."""
-    cache = Path(cache_dir) / f"fid-stats-{reference_key(dataset, data_dir, network_name)}.npz"
+def reference_statistics(dataset: str, real_images: np.ndarray, network: Callable, network_name: str,
+                         cache_dir: str | Path, weights: str | Path | None = None, **kw) -> tuple:
+    """(mu, sigma, cache file, computed now?) of the real images' features, from the cache when there."""
+    cache = Path(cache_dir) / f"fid-stats-{reference_key(dataset, real_images, network_name, weights)}.npz"
     if cache.is_file():
         with np.load(cache) as f:
             return f["mu"], f["sigma"], cache, False
-    mu, sigma = statistics(features(real_images(), network, desc="reference features", **kw))
+    mu, sigma = statistics(features(real_images, network, desc="reference features", **kw))
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, mu=mu, sigma=sigma)

@@ -79,8 +79,16 @@ def weights_path(path: str | Path | None = None, download: bool = True) -> Path:
 def load_inception(path: str | Path | None = None, device: str | torch.device = "cpu",
                    download: bool = True) -> torch.nn.Module:
     """The FID Inception-v3 returning (N, 2048) pool features for uint8 (N, 3, H, W) images."""
-    cls = extractor_class()
-    model = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights_path(path, download)))
+    try:
+        cls = extractor_class()
+    except ImportError as e:
+        raise InceptionUnavailable(f"torch-fidelity's Inception module does not import here: {e}") from e
+    file = weights_path(path, download)
+    try:
+        model = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(file))
+    except Exception as e:  # a truncated download, another network's weights, not a torch file
+        raise InceptionUnavailable(f"{file} is not the FID Inception-v3 weights file ({type(e).__name__}: "
+                                   f"{str(e)[:200]}); get {WEIGHTS_URL}") from e
     return _FirstOutput(model.eval().to(device))
 
 

@@ -32,7 +32,11 @@ def evaluate(samples: str | Path, dataset: str, data_dir: str | Path, out: str |
     if not classifiers and not fid:
         raise ValueError(f"nothing to evaluate: no classifiers{' (unlabelled dataset)' if spec.classes is None else ''} "
                          "and no --fid")
+    if epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {epochs}")
     images, labels, notes = load_samples(samples, dataset, need_labels=bool(classifiers))
+    # FID's network and reference statistics first: a missing Inception file must not cost the classifiers' hours
+    reference = _fid_reference(dataset, data_dir, inception_weights, device, progress, fid_network) if fid else None
     if epochs != downstream.EPOCHS:
         notes.append(f"reduced protocol: {epochs} epochs instead of the protocol's {downstream.EPOCHS}")
     report = {"dataset": dataset, "samples": str(samples), "n_samples": len(images), "notes": notes, "seed": seed,
@@ -50,28 +54,33 @@ def evaluate(samples: str | Path, dataset: str, data_dir: str | Path, out: str |
                                                  device=device, progress=progress)
             report["classifiers"][name] = asdict(result)
     if fid:
-        report["fid"], report["fid_settings"] = _fid(images, dataset, data_dir, inception_weights, device,
-                                                     progress, fid_network)
+        from .fid import fid as fid_of
+        network, stats, settings = reference
+        report["fid"] = fid_of(images, stats, network, device=device, progress=progress)
+        report["fid_settings"] = settings
     write_report(out, report)
     return report
 
 
-def _fid(images, dataset, data_dir, inception_weights, device, progress, fid_network):
-    from .fid import fid, reference_statistics
+def _fid_reference(dataset, data_dir, inception_weights, device, progress, fid_network):
+    """(network, (mu, sigma) of the training set, settings for the report)."""
+    from .fid import reference_statistics
+    from .inception import weights_path
+    weights = None
     if fid_network is None:
         from .inception import load_inception
-        name, network = "inception-v3-compat", load_inception(inception_weights, device)
+        weights = weights_path(inception_weights)
+        name, network = "inception-v3-compat", load_inception(weights, device)
     else:
         name, network = fid_network
-    mu, sigma, cache, computed = reference_statistics(
-        dataset, data_dir, network, name, cache_dir(), lambda: real_split(dataset, data_dir, train=True)[0],
-        device=device, progress=progress)
-    value = fid(images, (mu, sigma), network, device=device, progress=progress)
-    settings = {"network": name, "reference": f"{dataset} training set", "reference_cache": str(cache),
-                "reference_computed_now": computed,
+    real = real_split(dataset, data_dir, train=True)[0]
+    mu, sigma, cache, computed = reference_statistics(dataset, real, network, name, cache_dir(), weights,
+                                                      device=device, progress=progress)
+    settings = {"network": name, "reference": f"{dataset} training set ({len(real)} images)",
+                "reference_cache": str(cache), "reference_computed_now": computed,
                 "description": f"{name} 2048-d pool features of uint8 images (grayscale repeated to 3 channels, "
                                f"resized by the network), against the {dataset} training set's statistics"}
-    return value, settings
+    return network, (mu, sigma), settings
 
 
 def dp_baseline(dataset: str, data_dir: str | Path, out: str | Path, *, epsilon: float, delta: float = 1e-5,

@@ -46,7 +46,11 @@ def load_samples(path: str | Path, dataset: str, need_labels: bool = True) -> tu
     if not path.exists():
         raise SamplesError(f"{path} does not exist (write one with `dpdm-fast sample`)")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise SamplesError(f"{path} is a single array, not an .npz with 'images' and 'labels' (as "
+                               "`dpdm-fast sample` writes)")
+        with loaded as f:
             if "images" not in f:
                 raise SamplesError(f"{path} has no 'images' array (keys: {sorted(f.keys())}); it must hold "
                                    "'images' (uint8 N x H x W x C) and 'labels', as `dpdm-fast sample` writes")
@@ -80,6 +84,10 @@ def load_samples(path: str | Path, dataset: str, need_labels: bool = True) -> tu
             raise SamplesError(f"{int(bad.sum())} labels outside 0..{spec.classes - 1} (e.g. {labels[bad][:5].tolist()}; "
                                "-1 marks unlabelled samples of an unconditional model)")
         labels = labels.astype(np.int64)
+    if len(images) > PROTOCOL_SAMPLES:
+        notes.append(f"{len(images)} samples: the protocol's first {PROTOCOL_SAMPLES} are used")
+        images = images[:PROTOCOL_SAMPLES]
+        labels = labels[:PROTOCOL_SAMPLES] if labels is not None else None
     if len(images) < PROTOCOL_SAMPLES:
         note = (f"reduced protocol: {len(images)} samples instead of the protocol's {PROTOCOL_SAMPLES}; "
                 "numbers are not comparable with the paper's")
