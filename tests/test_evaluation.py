@@ -208,7 +208,7 @@ def test_dp_baseline_runs_steps_and_reports_the_accountants_epsilon(mnist, tmp_p
     report = dp_baseline("mnist", root, tmp_path, epsilon=1.0, max_steps=3, progress=False)
     b = report["dp_baseline"]
     acc = RDPAccountant()
-    acc.history = [(b["noise_multiplier"], 1 / math.ceil(60000 / 256), 3)]   # the Poisson loader's rate
+    acc.history = [(b["noise_multiplier"], 1 / math.ceil(60000 / 512), 3)]   # the Poisson loader's rate
     assert b["steps"] == 3 and b["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
     assert 0 < b["epsilon"] < 1.0 and 0 <= b["test_accuracy"] <= 1
     saved = json.loads((tmp_path / "report.json").read_text())
