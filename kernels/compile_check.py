@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 import time
+
+from ._common import interpreting
 
 
 def variants():
@@ -78,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", default="80,90", help="compute capabilities, e.g. 80,90")
     args = ap.parse_args()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise SystemExit("set TRITON_INTERPRET=0: the interpreter does not compile")
     t0 = time.perf_counter()
     archs = [int(a) for a in args.arch.split(",")]

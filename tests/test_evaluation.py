@@ -216,13 +216,17 @@ def test_dp_baseline_runs_steps_and_reports_the_accountants_epsilon(mnist, tmp_p
 
 
 # -- the command line ---------------------------------------------------------------------------
+def _eval_cli(samples, root, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return main(["eval", str(samples), "--dataset", "mnist", "--data-dir", str(root), *args])
+
+
 def test_eval_cli_writes_the_report_with_the_reduced_protocol_stated(mnist, tmp_path, capsys):
     (x, y), _, root = mnist
     samples = _npz(tmp_path / "samples.npz", x[:2000], y[:2000])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rc = main(["eval", str(samples), "--dataset", "mnist", "--data-dir", str(root), "--classifiers", "logreg,mlp",
-                   "--epochs", "3", "--epsilon", "10", "--out", str(tmp_path / "out"), "--no-progress"])
+    rc = _eval_cli(samples, root, "--classifiers", "logreg,mlp", "--epochs", "3", "--epsilon", "10",
+                   "--out", str(tmp_path / "out"), "--no-progress")
     assert rc == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     for name in ("logreg", "mlp"):
@@ -235,10 +239,8 @@ def test_eval_cli_writes_the_report_with_the_reduced_protocol_stated(mnist, tmp_
 def test_eval_cli_errors_name_the_problem(mnist, tmp_path, capsys):
     (x, y), _, root = mnist
     samples = _npz(tmp_path / "samples.npz", x[:10], y[:10])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rc = main(["eval", str(samples), "--dataset", "mnist", "--data-dir", str(root), "--classifiers", "",
-                   "--fid", "--inception-weights", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o")])
+    rc = _eval_cli(samples, root, "--classifiers", "", "--fid", "--inception-weights", str(tmp_path / "nope.pth"),
+                   "--out", str(tmp_path / "o"))
     assert rc == 2 and "no such file" in capsys.readouterr().err
     assert main(["eval", "--dataset", "mnist", "--data-dir", str(root), "--dp-baseline"]) == 2
     assert "--epsilon" in capsys.readouterr().err

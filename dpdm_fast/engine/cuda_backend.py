@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from .fused_backend import FusedBackend
-from .rules.conv import _explicit_padding
+from .kernel_rules import plain_conv_padding
 
 
 class CudaBackend(FusedBackend):
@@ -28,10 +28,9 @@ class CudaBackend(FusedBackend):
                               float(scale), float(std), float(divisor), int(seed), int(draws), bool(final))
 
     def _conv2d(self, module: nn.Conv2d, x, g, K, out, sq, saved=None) -> bool:
-        if module.groups != 1 or tuple(module.dilation) != (1, 1) or x.dtype != g.dtype or \
-                x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        padding = plain_conv_padding(module, x)
+        if padding is None or x.dtype != g.dtype:
             return False
-        padding = module.padding if not isinstance(module.padding, str) else _explicit_padding(module)
         if "weight" in out:
             self._ext.conv2d_weight_grad(x, g, K, list(module.weight.shape), list(module.stride), list(padding),
                                          out["weight"], sq["weight"])

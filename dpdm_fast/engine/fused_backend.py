@@ -14,7 +14,7 @@ class FusedBackend(TorchBackend):
     tile: int = 1024
 
     def __init__(self):
-        self._tiles: dict = {}    # id(layout) -> (layout, its tile table on the device)
+        self._tiles: dict = {}    # id(layout) -> (layout, parameter sizes, its tile table on the device)
 
     def tile_table(self, numels: list, device: torch.device) -> torch.Tensor:
         from dpdm_fast.kernels.tiles import tile_table   # (no Triton import: the CUDA backend needs no Triton)
@@ -36,10 +36,9 @@ class FusedBackend(TorchBackend):
             buffer, written, norms = total, torch.zeros(1, dtype=torch.int32, device=device), total.new_zeros(1)
             max_norm, scale, tiles = 1.0, 0.0, self.tile_table(numels, device)
         else:
-            numels = [p.numel() for p in job.layout.params]
+            numels, tiles = self._layout_tiles(job.layout, device)
             buffer, norms, max_norm, scale = job.storage, job.norms, job.max_grad_norm, job.scale
             written = torch.tensor(job.written, dtype=torch.int32).to(device, non_blocking=True)
-            tiles = self._layout_tiles(job.layout, numels, device)
         std, divisor, seed, draws, final = 0.0, 1.0, 0, 1, noise is not None
         if final:
             std, divisor, draws = noise.std, noise.divisor, 4 if noise.secure_mode else 1
@@ -50,7 +49,9 @@ class FusedBackend(TorchBackend):
                          draws, out if final else total)
         return out if final else total
 
-    def _layout_tiles(self, layout, numels, device) -> torch.Tensor:
+    def _layout_tiles(self, layout, device) -> tuple[list, torch.Tensor]:
+        """(parameter sizes, tile table) of a layout, built once (the layout is fixed at wrap time)."""
         if id(layout) not in self._tiles:
-            self._tiles[id(layout)] = (layout, self.tile_table(numels, device))
-        return self._tiles[id(layout)][1]
+            numels = [p.numel() for p in layout.params]
+            self._tiles[id(layout)] = (layout, numels, self.tile_table(numels, device))
+        return self._tiles[id(layout)][1:]

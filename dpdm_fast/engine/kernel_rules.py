@@ -18,27 +18,35 @@ import torch
 import torch.nn as nn
 
 from ..models.layers import NIN
-from .rules.conv import _explicit_padding
+from .rules.conv import conv_padding
 
 KernelRule = Callable[..., bool]
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def plain_conv_padding(module: nn.Conv2d, x: torch.Tensor) -> tuple | None:
+    """The padding of a conv the conv kernels cover (groups=1, no dilation, float input), else None."""
+    if module.groups != 1 or tuple(module.dilation) != (1, 1) or x.dtype not in FLOATS:
+        return None
+    return conv_padding(module)
 
 
 def triton_kernel_rules() -> Dict[type, KernelRule]:
     from dpdm_fast.kernels import conv_weight_grad, group_gemm, group_norm_grad, group_sum
 
     def conv2d(module: nn.Conv2d, x, g, K, out, sq, saved=None) -> bool:
-        if module.groups != 1 or tuple(module.dilation) != (1, 1) or x.dtype not in _FLOATS:
+        padding = plain_conv_padding(module, x)
+        if padding is None:
             return False
-        padding = module.padding if not isinstance(module.padding, str) else _explicit_padding(module)
         if "weight" in out:
             conv_weight_grad.conv2d_weight_grad(x, g, K, tuple(module.weight.shape), tuple(module.stride),
-                                                tuple(padding), out["weight"], sq["weight"])
+                                                padding, out["weight"], sq["weight"])
         if "bias" in out:
             group_sum.group_sum(g.reshape(g.shape[0], g.shape[1], -1), K, out["bias"], sq["bias"])
         return True
 
     def linear(module: nn.Linear, x, g, K, out, sq, saved=None) -> bool:
-        if x.dtype not in _FLOATS:
+        if x.dtype not in FLOATS:
             return False
         N, T = x.shape[0], math.prod(x.shape[1:-1])
         gt = g.reshape(N, T, g.shape[-1]).transpose(1, 2)                 # (N, out, T), a view
@@ -51,7 +59,7 @@ def triton_kernel_rules() -> Dict[type, KernelRule]:
         return True
 
     def nin(module: NIN, x, g, K, out, sq, saved=None) -> bool:
-        if x.dtype not in _FLOATS:
+        if x.dtype not in FLOATS:
             return False
         N = x.shape[0]
         x3, g3 = x.reshape(N, x.shape[1], -1), g.reshape(N, g.shape[1], -1)   # (N, C, HW), (N, O, HW)
@@ -62,7 +70,7 @@ def triton_kernel_rules() -> Dict[type, KernelRule]:
         return True
 
     def group_norm(module: nn.GroupNorm, x, g, K, out, sq, saved=None) -> bool:
-        if x.dtype not in _FLOATS:
+        if x.dtype not in FLOATS:
             return False
         N, C = x.shape[:2]
         S = math.prod(x.shape[2:])
@@ -75,5 +83,3 @@ def triton_kernel_rules() -> Dict[type, KernelRule]:
 
     return {nn.Conv2d: conv2d, nn.Linear: linear, NIN: nin, nn.GroupNorm: group_norm}
 
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)

@@ -13,7 +13,7 @@ plain, untuned baseline.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -81,6 +81,3 @@ def train_dp_baseline(images: np.ndarray, labels: np.ndarray, test_images: np.nd
     return BaselineResult(acc, engine.get_epsilon(delta), epsilon, delta, opt.noise_multiplier, steps,
                           settings["epochs"], settings)
 
-
-def as_dict(result: BaselineResult) -> dict:
-    return asdict(result)

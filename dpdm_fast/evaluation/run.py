@@ -87,7 +87,7 @@ def dp_baseline(dataset: str, data_dir: str | Path, out: str | Path, *, epsilon:
                 epochs: int | None = None, max_steps: int | None = None, seed: int = 0, device: str = "cpu",
                 progress: bool = True) -> dict:
     """The CNN trained directly on the real training set with DP-SGD at ``epsilon``; report in ``out``."""
-    from .dp_baseline import as_dict, train_dp_baseline
+    from .dp_baseline import train_dp_baseline
     from .report import paper_rows, write_report
     spec = dataset_spec(dataset)
     if spec.classes is None:
@@ -98,6 +98,6 @@ def dp_baseline(dataset: str, data_dir: str | Path, out: str | Path, *, epsilon:
                                seed=seed, device=device, progress=progress)
     notes = [] if max_steps is None else [f"stopped after {result.steps} steps (--max-steps): not a full run"]
     report = {"dataset": dataset, "notes": notes, "seed": seed, "epsilon": epsilon,
-              "paper": paper_rows(dataset, epsilon), "dp_baseline": as_dict(result)}
+              "paper": paper_rows(dataset, epsilon), "dp_baseline": asdict(result)}
     write_report(out, report)
     return report

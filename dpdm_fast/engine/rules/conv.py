@@ -39,7 +39,7 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int, out: 
     if module.weight.requires_grad and B == 0:
         res["weight"] = x.new_zeros(0, *module.weight.shape)
     elif module.weight.requires_grad:
-        padding = module.padding if not isinstance(module.padding, str) else _explicit_padding(module)
+        padding = conv_padding(module)
         kw = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
         shape = module.weight.shape
         paths = weight_paths(x, g, shape, K, block(out, "weight"), **kw)
@@ -67,6 +67,11 @@ def path_key(x, g, shape, K, stride, padding, dilation, groups) -> tuple:
     """The autotune's cache key: the shapes and options that decide which path is fastest."""
     return (x.device.type, x.dtype, batch_bucket(x.shape[0] // K), K, tuple(x.shape[1:]), tuple(g.shape[1:]),
             tuple(shape), tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def conv_padding(module: nn.Conv2d) -> tuple:
+    """The conv's zero padding as numbers (a string padding, 'same' / 'valid', resolved)."""
+    return tuple(module.padding) if not isinstance(module.padding, str) else _explicit_padding(module)
 
 
 def _explicit_padding(module: nn.Conv2d) -> tuple:
