@@ -33,14 +33,47 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train (or resume) a DPDM run of a config; exit status 130 / 143 after a SIGINT / SIGTERM stop."""
+    """Train (or resume) a DPDM run of a config; exit status 130 / 143 after a SIGINT / SIGTERM stop.
+
+    Under torchrun, this process is one rank of a distributed run; with --nproc-per-node / --nnodes
+    (defaults: the config's setup.*) above 1 and no torchrun, it starts torchrun itself."""
+    import os
+
     from .config import load_config
+    from .training import ranks as rank_env
     from .training import train
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, args.workdir or cfg.setup.workdir, resume=args.resume, max_steps=args.max_steps,
-                   amp=args.amp, device=args.device, progress=not args.no_progress)
+    if "RANK" not in os.environ:    # not already a rank of torchrun
+        setup = cfg.setup
+        nproc = args.nproc_per_node if args.nproc_per_node is not None else setup.n_gpus_per_node
+        nnodes = args.nnodes if args.nnodes is not None else setup.n_nodes
+        if nproc < 1 or nnodes < 1:
+            raise ValueError(f"--nproc-per-node {nproc} and --nnodes {nnodes} must be >= 1")
+        if nproc * nnodes > 1:
+            return rank_env.launch(
+                _train_argv_for_ranks(args), nproc, nnodes,
+                node_rank=args.node_rank if args.node_rank is not None else setup.node_rank,
+                master_addr=args.master_addr or setup.master_address,
+                master_port=args.master_port if args.master_port is not None else setup.master_port)
+    ranks, device = rank_env.init_from_environment(args.device)
+    try:
+        result = train(cfg, args.workdir or cfg.setup.workdir, resume=args.resume, max_steps=args.max_steps,
+                       amp=args.amp, device=device, progress=not args.no_progress)
+    finally:
+        rank_env.shutdown()
     return {None: 0, "SIGINT": 130, "SIGTERM": 143}[result.interrupted]
+
+
+def _train_argv_for_ranks(args: argparse.Namespace) -> list[str]:
+    """The command line each rank runs: this one without the launcher's options."""
+    argv = [args.config, *args.overrides]
+    for flag, value in (("--workdir", args.workdir), ("--max-steps", args.max_steps), ("--device", args.device)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += [flag for flag, on in (("--resume", args.resume), ("--amp", args.amp),
+                                   ("--no-progress", args.no_progress)) if on]
+    return argv
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -125,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass")
     tr.add_argument("--device", default=None, help="cuda when present, else cpu")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist = tr.add_argument_group("several processes (started through torchrun; or run under torchrun directly)")
+    dist.add_argument("--nproc-per-node", type=int, default=None,
+                      help="processes on this machine, one per GPU (default setup.n_gpus_per_node)")
+    dist.add_argument("--nnodes", type=int, default=None, help="machines (default setup.n_nodes)")
+    dist.add_argument("--node-rank", type=int, default=None, help="this machine's index (default setup.node_rank)")
+    dist.add_argument("--master-addr", default=None, help="address of node 0 (default setup.master_address)")
+    dist.add_argument("--master-port", type=int, default=None, help="free port on node 0 (default setup.master_port)")
     tr.set_defaults(func=cmd_train)
     sa = sub.add_parser("sample", help="draw samples from a checkpoint into an .npz (+ a grid PNG)")
     sa.add_argument("checkpoint", help="WORKDIR/checkpoint.pt, or a checkpoint of the original DPDM release")
@@ -223,6 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
+    from .engine.distributed import ReplicaError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -234,9 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(args.overrides) + rest
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:  # ConfigError is a ValueError
-        print(f"dpdm-fast: error: {e}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, CheckpointError, ReplicaError) as e:  # ConfigError is a ValueError
+        print(f"dpdm-fast: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
+
+
+def _rank_prefix() -> str:
+    import os
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ else ""
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class BatchSplittingSampler(Sampler[List[int]]):
         if isinstance(self.sampler, BatchSampler):
             per_batch = self.sampler.batch_size
         elif isinstance(self.sampler, PoissonBatchSampler):
-            per_batch = self.sampler.sample_rate * self.sampler.num_samples
+            per_batch = self.sampler.expected_batch_size
         else:
             per_batch = getattr(self.sampler, "batch_size", self.max_batch_size)
         return max(len(self.sampler), math.ceil(len(self.sampler) * per_batch / self.max_batch_size))

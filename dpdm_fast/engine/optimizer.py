@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from .backends import Noise
 from .collector import GroupGradientCollector, profile_scope
+from .distributed import CHECK_EVERY, Replicas, parameter_checksum
 
 
 def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -32,14 +33,19 @@ class DPOptimizer(Optimizer):
     private module's collector, so Opacus's clipping schedulers change clipping and noise together.
     ``noise_generator=None`` draws noise from torch's global RNG, as Opacus does (so
     ``torch.manual_seed`` fixes it); pass a ``torch.Generator`` for an isolated stream.
-    ``before_noise`` hooks receive the flat fp32 clipped sum before noise is added (where a
-    distributed run all-reduces it).
+    ``before_noise`` hooks receive the flat fp32 clipped sum before noise is added (in a
+    distributed run: this rank's share).
+
+    ``replicas`` (a distributed run, see ``dpdm_fast.engine.distributed``): each step, the ranks first
+    agree on the step and its settings, rank 0 alone adds the noise, and the flat gradient
+    ``(clipped sum [+ noise]) / expected batch`` is summed over the ranks by one all-reduce, so
+    every rank applies the same update: the one-process update of the union of their batches.
     """
 
     def __init__(self, optimizer: Optimizer, collector: GroupGradientCollector, *, noise_multiplier: float,
                  expected_batch_size: int, max_grad_norm: float | None = None, loss_reduction: str | None = None,
                  generator: torch.Generator | None = None, secure_mode: bool = False,
-                 scale_by_accumulated_iterations: bool = False):
+                 scale_by_accumulated_iterations: bool = False, replicas: Replicas | None = None):
         # No Optimizer.__init__: the wrapped optimizer owns the parameter groups and state.
         for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
                       "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
@@ -65,6 +71,9 @@ class DPOptimizer(Optimizer):
                                  "do not pass noise_generator")
             generator = secure_generator(collector.clipped_sum.device)
         self.generator = generator
+        if replicas is not None and scale_by_accumulated_iterations:
+            raise ValueError("a distributed step needs Poisson sampling (one batch per step on every rank)")
+        self.replicas = replicas
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self.before_noise: list[Callable[[torch.Tensor], None]] = []
         # The loader make_private returned (its ledger of batch sizes), and whether each step must be
@@ -164,32 +173,47 @@ class DPOptimizer(Optimizer):
         if collector.closed:
             raise RuntimeError("this optimizer's private module was replaced by a later make_private call: use "
                                "the optimizer that call returned")
-        if collector.backward_calls == 0:
-            self._discard()
-            raise RuntimeError("optimizer.step() called without a backward() through the private module since "
-                               "the last step: there are no clipped per-example gradients to apply")
-        if self._skip_next:
+        if self._skip_next and collector.backward_calls:
             self._skip_next, self._last_step_skipped = False, True
             return False
         self._last_step_skipped = False
+        refused = None
         try:
+            if collector.backward_calls == 0:
+                raise RuntimeError("optimizer.step() called without a backward() through the private module since "
+                                   "the last step: there are no clipped per-example gradients to apply")
             batches = self._check_batches() if self.ledger is not None else max(1, accumulated)
             self._check_no_ordinary_gradients()
-        except BaseException:
+        except BaseException as e:
             self._discard()
-            raise
-        self.accumulated_iterations = batches
+            if self.replicas is None:
+                raise
+            refused, batches = e, 0   # raised below, after telling the other ranks (they must not wait for us)
         divisor = 1
         if self.loss_reduction == "mean":
-            divisor = self.expected_batch_size * (self.accumulated_iterations if self.scale_by_accumulated_iterations else 1)
+            divisor = self.expected_batch_size * (batches if self.scale_by_accumulated_iterations else 1)
+        if self.replicas is not None:
+            try:
+                self._agree_with_replicas(refused is None, divisor)
+            except BaseException:
+                self._discard()
+                raise
+            if refused is not None:
+                raise refused
+        self.accumulated_iterations = batches
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.replicas is not None and not self.replicas.adds_noise:
+            std = 0.0     # the noise is drawn once, by rank 0; the all-reduce below adds it to every rank's sum
         try:
             if self.before_noise:
                 total = collector.clipped_sum   # (folds the last backward in first)
                 for hook in self.before_noise:
                     hook(total)
             # the backend's final pass: the last backward's clip-weighted sum, noise, division, into one flat tensor
-            flat = collector.finish(Noise(self.noise_multiplier * self.max_grad_norm, self.generator,
-                                          self.secure_mode, divisor))
+            flat = collector.finish(Noise(std, self.generator, self.secure_mode, divisor))
+            if self.replicas is not None:
+                with profile_scope("dpdm_fast.all_reduce"):
+                    self.replicas.all_reduce_sum(flat)
         except BaseException:
             self._discard()   # nothing half-applied: the step's clipped sums are dropped, as for a refused step
             raise
@@ -204,6 +228,19 @@ class DPOptimizer(Optimizer):
             hook(self)
         self._steps_taken += 1
         return True
+
+    def _agree_with_replicas(self, ok: bool, divisor: float) -> None:
+        """Every rank enters this exchange once per step, also one that refused its step (``ok=False``),
+        so that all stop together; settings changed on one rank only are refused on every rank."""
+        values = {"ok": float(ok), "steps taken": self._steps_taken, "noise_multiplier": self.noise_multiplier,
+                  "max_grad_norm": self.max_grad_norm, "divisor (expected batch size)": divisor,
+                  "secure_mode": self.secure_mode, "noise multiplicity K": self.collector.K,
+                  "parameter count": self.collector.layout.size,
+                  "trained parameter count": sum(p.numel() for p in self.collector.layout.params
+                                                 if id(p) in self.collector.active),
+                  "parameter checksum": (parameter_checksum(self.collector.layout.params)
+                                         if self._steps_taken % CHECK_EVERY == 0 else 0.0)}
+        self.replicas.agree(values, self.collector.clipped_sum.device, f"step {self._steps_taken + 1}")
 
     def _check_batches(self) -> int:
         """Each step folds in exactly the examples of the batches drawn for it, each clipped once.

@@ -23,16 +23,28 @@ class PoissonBatchSampler(Sampler[List[int]]):
 
     ``secure_mode``: the generator is re-seeded from ``os.urandom`` before every batch, so no
     seed in code or config predicts which examples were sampled.
+
+    ``shard=(rank, world_size)``: one rank's part of a distributed Poisson batch. Every rank draws
+    the mask over all ``num_samples`` examples and keeps those with ``index % world_size == rank``,
+    so each example is still in each batch independently with probability ``sample_rate``. Ranks
+    whose generators are in the same state (the same seed) draw the same mask, and the union of
+    their batches is then exactly the one-process batch; independent generators (secure mode:
+    each rank re-seeds from its own OS) give independent shards of masks, equally Poisson.
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None,
-                 generator: torch.Generator | None = None, secure_mode: bool = False):
+                 generator: torch.Generator | None = None, secure_mode: bool = False,
+                 shard: tuple[int, int] = (0, 1)):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.num_samples, self._sample_rate, self.steps = num_samples, float(sample_rate), steps
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+        self.shard = (int(rank), int(world))
         self.secure_mode = secure_mode
         if secure_mode and generator is None:
             generator = torch.Generator()
@@ -44,16 +56,26 @@ class PoissonBatchSampler(Sampler[List[int]]):
         """Read-only: the accountant was given this rate when the loader was made."""
         return self._sample_rate
 
+    @property
+    def expected_batch_size(self) -> float:
+        """Expected size of this rank's batches (the global expected batch is ``num_samples * sample_rate``)."""
+        rank, world = self.shard
+        return self.sample_rate * len(range(rank, self.num_samples, world))
+
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[List[int]]:
         sink, self.sink = self.sink, None
+        rank, world = self.shard
         for _ in range(self.steps):
             if self.secure_mode:
                 self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            indices = mask.nonzero().reshape(-1).tolist()
+            if world > 1:
+                mask = mask[rank::world]    # this rank's examples: rank, rank + world, ...
+            indices = mask.nonzero().reshape(-1)
+            indices = (indices * world + rank if world > 1 else indices).tolist()
             if sink is not None:
                 sink.append(len(indices))
             yield indices
@@ -85,17 +107,22 @@ class PoissonDataLoader(_Ledger, DPDataLoader):
     """A Poisson-sampled loader (an Opacus ``DPDataLoader``, empty batches included) with a ledger."""
 
     def __init__(self, dataset, *, sample_rate: float, steps: int | None = None, collate_fn=None, generator=None,
-                 secure_mode: bool = False, drop_last: bool = False, **kwargs):
+                 secure_mode: bool = False, drop_last: bool = False, shard: tuple[int, int] | None = None,
+                 **kwargs):
         # DPDataLoader.__init__ would build Opacus's sampler; ours records sizes and re-seeds in secure mode.
         if drop_last:
             warnings.warn("drop_last is ignored: a Poisson loader has no last partial batch", stacklevel=2)
-        if kwargs.pop("distributed", False):
-            raise NotImplementedError("distributed Poisson sampling is not implemented yet")
+        if kwargs.pop("distributed", False) and shard is None:   # Opacus's flag: this rank's shard
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                raise RuntimeError("distributed=True needs torch.distributed initialised first")
+            shard = (dist.get_rank(), dist.get_world_size())
         if kwargs.pop("rand_on_empty", False) or not kwargs.pop("batch_first", True):
             raise NotImplementedError("rand_on_empty=True and batch_first=False are not supported")
-        self.distributed = False
+        shard = shard or (0, 1)
+        self.distributed = shard[1] > 1
         self.drawn: list[int] = []
-        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode)
+        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode, shard)
         first = dataset[0]
         first = first if isinstance(first, (tuple, list)) else (first,)
         collate = wrap_collate_with_empty(collate_fn=collate_fn or default_collate,
@@ -106,6 +133,10 @@ class PoissonDataLoader(_Ledger, DPDataLoader):
     @property
     def sample_rate(self) -> float:
         return self.batch_sampler.sample_rate
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.batch_sampler.shard
 
 
 class _RecordingBatchSampler(Sampler[List[int]]):
@@ -177,12 +208,18 @@ def _base_dataset(data_loader: DataLoader, poisson: bool = True):
                      "with shuffle=True")
 
 
-def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False) -> PoissonDataLoader:
-    """A Poisson loader over the same examples, with q = 1 / (batches per epoch of ``data_loader``)."""
+def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False,
+                        shard: tuple[int, int] = (0, 1)) -> PoissonDataLoader:
+    """A Poisson loader over the same examples, with q = 1 / (batches per epoch of ``data_loader``);
+    with ``shard=(rank, world_size)``, this rank's part of every batch (the rate and so the global
+    expected batch do not depend on the number of ranks)."""
     if isinstance(data_loader, PoissonDataLoader):
         if secure_mode and not data_loader.batch_sampler.secure_mode:
             raise ValueError("secure_mode=True but the data loader is a Poisson loader made without it: pass the "
                              "plain DataLoader, so its sampler is re-seeded from the OS every batch")
+        if data_loader.shard != tuple(shard):
+            raise ValueError(f"the Poisson loader samples shard {data_loader.shard} (rank, ranks) but this process "
+                             f"trains shard {tuple(shard)}: pass the plain DataLoader, it is sharded here")
         data_loader.take_drawn()   # batches drawn before this engine are not its business
         return data_loader
     if not isinstance(data_loader, DataLoader):
@@ -198,7 +235,7 @@ def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False) -> P
     if secure_mode:
         generator = None   # the sampler makes its own and re-seeds it from the OS every batch
     return PoissonDataLoader(dataset, sample_rate=1 / steps, steps=steps, collate_fn=data_loader.collate_fn,
-                             generator=generator, secure_mode=secure_mode, **kwargs)
+                             generator=generator, secure_mode=secure_mode, shard=shard, **kwargs)
 
 
 def make_recording_loader(data_loader: DataLoader) -> RecordingDataLoader:

@@ -14,6 +14,7 @@ from opacus.validators import ModuleValidator
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from .distributed import Replicas, is_replicated_run
 from .optimizer import DPOptimizer
 from .poisson import make_poisson_loader, make_recording_loader
 from .private_module import PrivateModule
@@ -71,7 +72,8 @@ class PrivacyEngine:
                      poisson_sampling: bool = True, noise_generator: torch.Generator | None = None,
                      noise_multiplicity: int = 1, backend: str = "auto", strict: bool = False,
                      clipping: str = "flat", batch_first: bool = True, grad_sample_mode: str | None = None,
-                     wrap_model: bool = True, rand_on_empty: bool = False, criterion: Any = None, **kwargs):
+                     wrap_model: bool = True, rand_on_empty: bool = False, criterion: Any = None,
+                     distributed: bool | None = None, **kwargs):
         """Returns (private module, DP optimizer, data loader), like Opacus.
 
         After ``loss.backward()`` on the mean (or sum) loss over B*K group-major rows, ``step()``
@@ -81,6 +83,15 @@ class PrivacyEngine:
         size (for 'mean'), then the wrapped optimizer's step. A module returned by an earlier
         ``make_private`` is rebuilt with these settings (the earlier module and optimizer then refuse
         to train). ``wrap_model=False`` returns the model itself, hooked, instead of a wrapper.
+
+        ``distributed=True`` (or a module wrapped in Opacus's ``DPDDP``) trains one model across the
+        ranks of the initialised torch.distributed job (see ``dpdm_fast.engine.distributed``): rank 0's
+        parameters are broadcast, each rank Poisson-samples its shard of every batch at the rate of
+        ``data_loader`` (pass every rank the same loader over the whole dataset, with ``batch_size``
+        the *global* expected batch: the rate, the noise and epsilon do not depend on the number of
+        ranks), one all-reduce per step sums the clipped gradients, rank 0 adds the noise, and every
+        rank's accountant records the same steps. Inside a job of several processes the choice must
+        be explicit: ``distributed=False`` trains a separate model on each rank (each its own guarantee).
         """
         if kwargs:
             raise TypeError(f"make_private got unsupported arguments {sorted(kwargs)}")
@@ -93,6 +104,7 @@ class PrivacyEngine:
                           "per-group gradients with its own rules", stacklevel=2)
         if noise_generator is not None and self.secure_mode:
             raise ValueError("passing noise_generator is prohibited in secure mode")
+        module, replicas = _replicas_for(module, distributed)
         if isinstance(module, PrivateModule):
             module = module.remove_hooks()   # rebuilt below with this call's settings
         model_params = {id(p) for p in module.parameters()}
@@ -107,9 +119,12 @@ class PrivacyEngine:
             raise NotImplementedError("rand_on_empty=True replaces an empty batch by a random example, which the "
                                       "per-step batch check rightly refuses: empty batches are handled as they are")
         if poisson_sampling:
-            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode)
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, shard=_shard(replicas))
             sample_rate = data_loader.sample_rate     # exactly the rate the sampler uses
         else:
+            if replicas is not None:
+                raise ValueError("distributed training needs poisson_sampling=True: the ranks' batches are shards of "
+                                 "one Poisson batch")
             warnings.warn("poisson_sampling=False: the accountant's guarantee assumes Poisson sampling and "
                           "does not strictly hold for shuffled fixed-size batches", stacklevel=2)
             data_loader = make_recording_loader(data_loader)
@@ -122,9 +137,19 @@ class PrivacyEngine:
         if expected_batch_size < 1:
             raise ValueError(f"expected batch size {len(data_loader.dataset)} x {sample_rate:g} < 1: use a larger batch")
 
+        if replicas is not None:
+            replicas.broadcast_module(module)   # every replica starts from rank 0's parameters
+            replicas.agree({"noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
+                            "noise multiplicity K": noise_multiplicity, "sample rate": sample_rate,
+                            "dataset size": len(data_loader.dataset), "expected batch size": expected_batch_size,
+                            "loss reduction is mean": loss_reduction == "mean", "secure_mode": self.secure_mode,
+                            "accountant steps so far": self.steps,
+                            "trainable parameters": private.collector.layout.size},
+                           private.collector.clipped_sum.device, "make_private")
         dp_optimizer = DPOptimizer(optimizer, private.collector, noise_multiplier=noise_multiplier,
                                    expected_batch_size=expected_batch_size, generator=noise_generator,
-                                   secure_mode=self.secure_mode, scale_by_accumulated_iterations=not poisson_sampling)
+                                   secure_mode=self.secure_mode, scale_by_accumulated_iterations=not poisson_sampling,
+                                   replicas=replicas)
         dp_optimizer.ledger, dp_optimizer.one_batch_per_step = data_loader, poisson_sampling
         # k batches accumulated before one step (only without Poisson sampling) are one step at rate k*q (Opacus's rule)
         hook = lambda opt: self.accountant.step(  # noqa: E731
@@ -140,7 +165,8 @@ class PrivacyEngine:
         ``epochs`` epochs, found by Opacus's search for this engine's accountant at exactly the
         sample rate the returned loader uses."""
         if poisson_sampling:
-            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode)
+            _, replicas = _replicas_for(module, kwargs.get("distributed"))
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, shard=_shard(replicas))
             sample_rate = data_loader.sample_rate
         else:
             sample_rate = 1 / len(data_loader)
@@ -220,3 +246,33 @@ class PrivacyEngine:
                 warnings.warn(f"{key} has {len(state)} items but the {key.rsplit('_state', 1)[0]} is "
                               f"{'' if obj is not None else 'not '}provided", stacklevel=2)
         return checkpoint
+
+
+def _replicas_for(module: nn.Module, distributed: bool | None) -> tuple[nn.Module, Replicas | None]:
+    """The model to wrap and the ranks it is trained across (None: this process alone)."""
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(module, DistributedDataParallel):
+        raise ValueError("the module is wrapped in torch's DistributedDataParallel, which all-reduces ordinary "
+                         "(unclipped) gradients: pass the plain model with make_private(distributed=True); the engine "
+                         "all-reduces the clipped sums itself")
+    try:
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    except ImportError:   # pragma: no cover (opacus is a dependency)
+        DPDDP = ()
+    if isinstance(module, DPDDP):
+        if distributed is False:
+            raise ValueError("distributed=False with a DPDDP-wrapped module: pass the plain model, or distributed=True")
+        module, distributed = module.module, True
+    if distributed is None:
+        if is_replicated_run():
+            raise ValueError(f"this process is one of {torch.distributed.get_world_size()} in a torch.distributed job: "
+                             "pass make_private(distributed=True) to train one model across them (each rank samples "
+                             "its shard, clipped sums are all-reduced, the noise is added once), or "
+                             "distributed=False to train a separate model on each rank (each with its own "
+                             "guarantee; releasing several composes them)")
+        distributed = False
+    return module, (Replicas.current() if distributed else None)
+
+
+def _shard(replicas: Replicas | None) -> tuple[int, int]:
+    return (0, 1) if replicas is None else (replicas.rank, replicas.world_size)

@@ -31,8 +31,9 @@ from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
 from .ema import EMA
-from .monitor import Monitor, StepStats, plot_curves
+from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
+from .ranks import Ranks, broadcast_from_main, gather_objects, hash_value, seed_for_rank, sum_over_ranks
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_NOISE_SEED = 12345   # snapshot grids start from the same noise at every snapshot (and in every run)
@@ -44,8 +45,9 @@ class TrainResult:
     epsilon: float
     wall_s: float
     finished: bool          # the whole schedule (or the whole budget) is done
-    interrupted: str | None  # the signal that stopped the run early, if any
+    interrupted: str | None  # the signal that stopped the run early, if any (on any rank)
     checkpoint: Path
+    world_size: int = 1
 
 
 class _Interrupt:
@@ -119,8 +121,20 @@ def _optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     return choices[name](params, lr=cfg.optim.params.lr, weight_decay=cfg.optim.params.weight_decay)
 
 
+def _config_hash(tree: dict) -> str:
+    """What every rank must agree on: the config without where things are (setup.*, data.path)."""
+    import json
+    kept = {k: v for k, v in tree.items() if k != "setup"}
+    kept["data"] = {k: v for k, v in kept.get("data", {}).items() if k != "path"}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class Trainer:
-    """One training run of a config in a workdir (see module docstring). ``run()`` trains."""
+    """One training run of a config in a workdir (see module docstring). ``run()`` trains.
+
+    Inside a torch.distributed job (``torchrun``) every rank constructs a Trainer on the same config:
+    they train one model (see ``dpdm_fast.training.ranks``); rank 0 reads and writes the workdir.
+    """
 
     def __init__(self, cfg: DictConfig, workdir: str | Path, *, resume: bool = False, max_steps: int | None = None,
                  amp: bool = False, device: str | None = None, progress: bool = True):
@@ -128,9 +142,9 @@ class Trainer:
         self.device = resolve_device(device)
         self.amp, self.progress, self.max_steps = amp, progress, max_steps
         self.config_tree = to_plain(cfg)
-        _check_writable(self.workdir)
+        self.ranks = Ranks.current()
         self.ckpt_path = self.workdir / CHECKPOINT
-        saved = self._existing_checkpoint(resume)
+        saved = self._checkpoint_on_every_rank(resume)
 
         self.dataset = build_dataset(cfg.data.name, cfg.data.path) if cfg.data.path else None
         if self.dataset is None:
@@ -150,6 +164,24 @@ class Trainer:
         self._build(saved)
 
     # -- setup --------------------------------------------------------------------------------
+    def _checkpoint_on_every_rank(self, resume: bool) -> dict | None:
+        """Rank 0 checks the workdir and reads the checkpoint; every rank gets it (or rank 0's error), so
+        the other nodes need no shared disk and all ranks fail alike."""
+        if not self.ranks.distributed:
+            _check_writable(self.workdir)
+            return self._existing_checkpoint(resume)
+        outcome = None
+        if self.ranks.is_main:
+            try:
+                _check_writable(self.workdir)
+                outcome = ("ok", self._existing_checkpoint(resume))
+            except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
+                outcome = ("error", e)
+        kind, value = broadcast_from_main(outcome)
+        if kind == "error":
+            raise value
+        return value
+
     def _existing_checkpoint(self, resume: bool) -> dict | None:
         exists = self.ckpt_path.exists()
         if not resume:
@@ -170,18 +202,28 @@ class Trainer:
     def _build(self, saved: dict | None) -> None:
         from ..engine.privacy_engine import PrivacyEngine
 
-        cfg, device, plan = self.cfg, self.device, self.plan
-        seeds = _seeds(cfg.train.seed)
-        torch.manual_seed(seeds["init"])
+        cfg, device, plan, ranks = self.cfg, self.device, self.plan, self.ranks
+        seeds = self.seeds = _seeds(cfg.train.seed)
+        self.fingerprint = data_fingerprint(self.dataset)
+        if ranks.distributed:
+            from ..engine.distributed import Replicas
+            Replicas.current().agree({"config": hash_value(_config_hash(self.config_tree)),
+                                      "training data (a hash of its images and labels)": hash_value(self.fingerprint)},
+                                     device, "the start of the run")
+        torch.manual_seed(seeds["init"])   # (the engine broadcasts rank 0's initial weights anyway)
         self.model = build_model(cfg).to(device)
         self.network = self.model.model
         self.loss_fn = build_loss(**cfg.loss)
         self.labelled = bool(cfg.data.n_classes)
         optimizer = _optimizer(cfg, self.model.parameters())
 
+        # Every rank draws the same Poisson masks (each keeps its shard: together, the one-process batch) and
+        # holds the same noise generator (only rank 0 draws from it); the loss's noise and dropout are per rank.
         self.poisson_gen = torch.Generator().manual_seed(seeds["poisson"])
-        self.loss_gen = torch.Generator(device=device).manual_seed(seeds["loss"])
+        self.loss_gen = torch.Generator(device=device).manual_seed(seed_for_rank(seeds["loss"], ranks.rank))
         self.noise_gen = None if cfg.dp.secure_mode else torch.Generator(device=device).manual_seed(seeds["noise"])
+        if ranks.rank > 0:
+            torch.manual_seed(seed_for_rank(seeds["init"], ranks.rank))
         # The loader reads in the main process (num_workers=0): the datasets are held in memory, and a
         # worker prefetching ahead would advance the Poisson sampler past the checkpointed step.
         loader = DataLoader(self.dataset, batch_size=cfg.train.batch_size, shuffle=True, generator=self.poisson_gen)
@@ -191,11 +233,11 @@ class Trainer:
         self.private, self.optimizer, self.loader = self.engine.make_private(
             module=self.model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, noise_multiplicity=cfg.loss.n_noise_samples,
-            noise_generator=self.noise_gen, backend=cfg.dp.backend)
+            noise_generator=self.noise_gen, backend=cfg.dp.backend, distributed=ranks.distributed)
         if self.loader.sample_rate != plan.sample_rate:   # the accountant is told exactly the sampler's rate
             raise RuntimeError(f"internal: loader samples at {self.loader.sample_rate}, plan says {plan.sample_rate}")
         self.ema = EMA(self.network, cfg.model.ema_rate)
-        self.fingerprint = data_fingerprint(self.dataset)
+        self.resume_note = None
         self.step, self.wall_before = 0, 0.0
         if saved is not None:
             self._restore(saved)
@@ -227,11 +269,21 @@ class Trainer:
             raise ckpt.CheckpointError(f"{self.ckpt_path}: the ledger holds {self.engine.steps} steps but the checkpoint "
                                        f"is at step {step}: the checkpoint is inconsistent")
         rng = state["rng"]
-        self.poisson_gen.set_state(rng["poisson"])
-        self.loss_gen.set_state(rng["loss"])
+        self.poisson_gen.set_state(rng["poisson"])     # the same on every rank, whatever their number
         if self.noise_gen is not None and rng.get("noise") is not None:
             self.noise_gen.set_state(rng["noise"])
-        torch.set_rng_state(rng["torch"])
+        saved_world = int(rng.get("world_size", 1))
+        ranks = self.ranks
+        if saved_world == ranks.world_size:
+            own = rng["per_rank"][ranks.rank] if saved_world > 1 else rng
+            self.loss_gen.set_state(own["loss"])
+            torch.set_rng_state(own["torch"])
+        else:   # another number of ranks: each rank's loss noise and dropout streams start afresh from the seed
+            self.loss_gen.manual_seed(seed_for_rank(self.seeds["loss"], ranks.rank, step, ranks.world_size))
+            torch.manual_seed(seed_for_rank(self.seeds["init"], ranks.rank, step, ranks.world_size))
+            self.resume_note = (f"resuming a run of {saved_world} process(es) on {ranks.world_size}: the Poisson "
+                                "batches and the DP noise continue exactly; each rank's diffusion-noise and dropout "
+                                "streams are re-derived from the seed")
         autotune.load_state_dict(state.get("autotune", []))
         self.step, self.wall_before = step, float(state.get("wall_s", 0.0))
 
@@ -240,7 +292,11 @@ class Trainer:
             return self.engine.get_epsilon(self.plan.delta)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def state_dict(self, wall_s: float) -> dict:
+    def _own_rng(self) -> dict:
+        return {"loss": self.loss_gen.get_state(), "torch": torch.get_rng_state()}
+
+    def state_dict(self, wall_s: float, per_rank: list | None = None) -> dict:
+        """The checkpoint; ``per_rank``: every rank's own generator states (a distributed run's)."""
         return {
             "format": ckpt.FORMAT, "version": dpdm_fast.__version__, "step": self.step, "config": self.config_tree,
             "model": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
@@ -248,14 +304,19 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "privacy": {"engine": self.engine.state_dict(), "plan": self.plan.as_dict(),
                         "epsilon": self._epsilon()},
-            "rng": {"poisson": self.poisson_gen.get_state(), "loss": self.loss_gen.get_state(),
+            "rng": {"poisson": self.poisson_gen.get_state(), **self._own_rng(),
                     "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
-                    "torch": torch.get_rng_state()},
+                    "world_size": self.ranks.world_size,
+                    **({"per_rank": per_rank} if per_rank is not None else {})},
             "autotune": autotune.state_dict(), "wall_s": wall_s, "data_fingerprint": self.fingerprint,
         }
 
     def save(self, wall_s: float, numbered: bool = False) -> Path:
-        state = self.state_dict(wall_s)
+        """Rank 0 writes the checkpoint (every rank calls this: it gathers their generator states)."""
+        per_rank = gather_objects(self._own_rng()) if self.ranks.distributed else None
+        if not self.ranks.is_main:
+            return self.ckpt_path
+        state = self.state_dict(wall_s, per_rank)
         path = ckpt.save_atomic(state, self.ckpt_path)
         if numbered:
             ckpt.save_atomic(state, self.workdir / "checkpoints" / f"step_{self.step:07d}.pt")
@@ -294,15 +355,34 @@ class Trainer:
         stats.add_batch(float(losses.detach().float().sum()), len(x), float(norms.sum()),
                         int((norms > self.plan.max_grad_norm).sum()))
 
+    def _end_of_step(self, stats: StepStats, interrupt: "_Interrupt") -> tuple[StepStats, str | None]:
+        """The step's statistics over all ranks, and the signal that stops the run (if any rank got one).
+        Every rank decides from the same numbers, so all stop after the same step."""
+        if not self.ranks.distributed:
+            return stats, interrupt.signal
+        signal_name = interrupt.signal
+        totals = sum_over_ranks([stats.loss_sum, stats.examples, stats.norm_sum, stats.clipped,
+                                 signal_name == "SIGINT", signal_name == "SIGTERM"], self.device)
+        merged = StepStats()
+        merged.add_batch(totals[0], int(totals[1]), totals[2], int(totals[3]))
+        return merged, "SIGTERM" if totals[5] else "SIGINT" if totals[4] else None
+
     def run(self) -> TrainResult:
-        cfg, plan = self.cfg, self.plan
+        cfg, plan, main = self.cfg, self.plan, self.ranks.is_main
         stop_at = min(plan.budget_steps, self.max_steps or plan.total_steps)
-        out = Monitor(self.workdir, plan.total_steps, self.step, plan.steps_per_epoch, progress=self.progress)
+        out = (Monitor(self.workdir, plan.total_steps, self.step, plan.steps_per_epoch, progress=self.progress)
+               if main else SilentMonitor())
         out.write(plan.describe())
         out.write(f"K={cfg.loss.n_noise_samples} noise samples per example, physical batches of at most "
                   f"{self.physical_batch_size} examples (dp.max_physical_batch_size {cfg.dp.max_physical_batch_size} / "
                   f"dp.n_splits {cfg.dp.n_splits}), device {self.device}"
                   + (", bf16 autocast" if self.amp else "") + (f"; resuming at step {self.step}" if self.step else ""))
+        if self.ranks.distributed:
+            out.write(f"{self.ranks.world_size} processes ({dist_backend()}): each samples its shard of every Poisson "
+                      "batch; the clipped sums are all-reduced and rank 0 adds the noise once (per-rank physical "
+                      "batches as above)")
+        if self.resume_note:
+            out.write(self.resume_note)
         if not cfg.dp.secure_mode:
             out.write("noise and sampling come from seeded generators (dp.secure_mode=false): reproducible, fine for "
                       "experiments; set dp.secure_mode=true for a model you release")
@@ -312,9 +392,10 @@ class Trainer:
         start = time.perf_counter()
         wall = lambda: self.wall_before + time.perf_counter() - start  # noqa: E731
         stats = StepStats()
+        stop_signal = None
         with _Interrupt() as interrupt, tuning:
             try:
-                while self.step < stop_at and interrupt.signal is None:
+                while self.step < stop_at and stop_signal is None:
                     with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch_size,
                                             optimizer=self.optimizer) as batches:
                         for x, y in batches:
@@ -326,35 +407,44 @@ class Trainer:
                                 continue       # a physical batch inside a logical one: noise comes at its end
                             self.step += 1
                             self.ema.update(self.network)
+                            stats, stop_signal = self._end_of_step(stats, interrupt)
                             log = self.step % log_freq == 0 or self.step == stop_at or self.step == 1
                             eps = self._epsilon() if log else None
                             out.step(self.step, stats, log, eps, self.optimizer.param_groups[0]["lr"])
                             stats = StepStats()
-                            if self.step % snap_freq == 0 and self.step < stop_at:
+                            if self.step % snap_freq == 0 and self.step < stop_at and main:
                                 self.snapshot(f"step_{self.step:07d}")
                             if self.step % ckpt_freq == 0 and self.step < stop_at:
                                 self.save(wall(), numbered=self.step % save_freq == 0)
-                            if self.step >= stop_at or interrupt.signal is not None:
+                            if self.step >= stop_at or stop_signal is not None:
                                 break
                 self.save(wall(), numbered=self.step % save_freq == 0)
             finally:
                 out.close()
         finished = self.step >= plan.budget_steps
-        if finished:
-            self.snapshot("final")
-        elif interrupt.signal is None:     # --max-steps; after a signal, exit promptly instead
-            self.snapshot(f"step_{self.step:07d}")
-        plot_curves(self.workdir / "metrics.jsonl", self.workdir / "curves.png")
         eps = self._epsilon()
         if eps > plan.target_epsilon + 1e-9:   # the plan makes this impossible; say so loudly if it ever is not
             raise RuntimeError(f"privacy budget exceeded: eps={eps} > target {plan.target_epsilon}")
-        how = (f"interrupted by {interrupt.signal}" if interrupt.signal else "finished" if finished
+        result = TrainResult(step=self.step, epsilon=eps, wall_s=wall(), finished=finished, interrupted=stop_signal,
+                             checkpoint=self.ckpt_path, world_size=self.ranks.world_size)
+        if not main:
+            return result
+        if finished:
+            self.snapshot("final")
+        elif stop_signal is None:     # --max-steps; after a signal, exit promptly instead
+            self.snapshot(f"step_{self.step:07d}")
+        plot_curves(self.workdir / "metrics.jsonl", self.workdir / "curves.png")
+        how = (f"interrupted by {stop_signal}" if stop_signal else "finished" if finished
                else f"stopped at --max-steps {self.max_steps}")
         print(f"{how}: step {self.step}/{plan.total_steps}, eps={eps:.4f} at delta={plan.delta:g} "
               f"({plan.accountant} accountant), wall {wall():.0f} s, checkpoint {self.ckpt_path}"
               + ("" if finished else "; continue with --resume"))
-        return TrainResult(step=self.step, epsilon=eps, wall_s=wall(), finished=finished,
-                           interrupted=interrupt.signal, checkpoint=self.ckpt_path)
+        return result
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+    return str(dist.get_backend())
 
 
 def train(cfg: DictConfig, workdir: str | Path, **kwargs) -> TrainResult:

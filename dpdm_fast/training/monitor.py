@@ -79,6 +79,19 @@ class Monitor:
         self.bar.close()
 
 
+class SilentMonitor:
+    """What ranks other than 0 use: they train, rank 0 reports."""
+
+    def step(self, *args, **kwargs) -> None:
+        return None
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
