@@ -131,6 +131,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown {bad}; choose from {sorted(known)}")
     if args.device.startswith("cuda") and not __import__("torch").cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch build sees no CUDA device")
+    if args.distributed is not None:
+        return _bench_distributed(args, workloads)
     grid = args.grid or (GPU_GRID if args.device.startswith("cuda") else CPU_QUICK_GRID)
     result = run_grid(engines, workloads, grid, repeats=args.repeats, device=args.device, threads=args.threads,
                       memory=not args.no_memory, isolate=args.isolate, max_step_s=args.max_step_s,
@@ -138,6 +140,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     paths = write_outputs(result, Path(args.out))
     print(paths["table"].read_text())
     print(f"wrote {paths['json']}, {paths['table']}" + (f", {paths['plot']}" if paths["plot"] else ""))
+    return 0
+
+
+def _bench_distributed(args: argparse.Namespace, workloads: list[str]) -> int:
+    from pathlib import Path
+
+    from .benchmarks.distributed import run_distributed, write_distributed
+    if args.distributed < 2:
+        raise ValueError(f"--distributed {args.distributed}: give the number of processes to compare with one (>= 2)")
+    if len(workloads) != 1:
+        raise ValueError("--distributed times one workload at a time (--workloads small, mnist or celeba)")
+    grid = args.grid or [(16, 2), (32, 4)]
+    result = run_distributed(args.distributed, workloads[0], grid, args.repeats, args.threads, args.device)
+    paths = write_distributed(result, Path(args.out))
+    print(paths["table"].read_text())
+    print(f"wrote {paths['json']}, {paths['table']}")
     return 0
 
 
@@ -199,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--isolate", action="store_true",
                        help="time each engine alone in fresh processes (one per step, engines taking turns) "
                             "instead of interleaved in one process")
+    bench.add_argument("--distributed", type=int, default=None, metavar="N",
+                       help="time the engine on N processes (gloo on the CPU, one GPU each with --device cuda) against "
+                            "one process, on the first workload and --grid (default 16x2,32x4): examples/s, scaling "
+                            "efficiency, and the all-reduce's cost; --threads is per process")
     bench.add_argument("--out", default="bench/out", help="folder for results.json, results.md, results.png")
     bench.set_defaults(func=cmd_bench)
     ev = sub.add_parser("eval", help="downstream accuracy and FID of samples (the paper's protocol), or the DP-SGD "

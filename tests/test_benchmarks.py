@@ -88,3 +88,21 @@ def test_full_grid_is_every_batch_with_every_k():
     from dpdm_fast.benchmarks.runner import FULL_GRID
     from dpdm_fast.cli import _grid
     assert _grid("full") == FULL_GRID and len(FULL_GRID) == 16 and (1024, 32) in FULL_GRID and (16, 1) in FULL_GRID
+
+
+def test_distributed_mode_times_one_and_two_processes_and_the_all_reduce(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "dpdm_fast.cli", "bench", "--distributed", "2", "--workloads", "small",
+                          "--grid", "4x2", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "distributed.json").read_text())
+    (cell,) = result["cells"]
+    assert result["processes"] == 2 and result["backend"] == "gloo" and (cell["B"], cell["K"]) == (4, 2)
+    assert cell["one_process_s"] > 0 and cell["distributed_s"] > 0 and 0 < cell["all_reduce_alone_s"] < cell["distributed_s"]
+    assert cell["efficiency"] == cell["one_process_s"] / (2 * cell["distributed_s"])
+    assert cell["flat_bytes"] == 4 * cell["params"]
+    assert "| 4 x 2 |" in (tmp_path / "distributed.md").read_text()

@@ -197,9 +197,10 @@ class DPOptimizer(Optimizer):
                 self._agree_with_replicas(refused is None, divisor)
             except BaseException:
                 self._discard()
-                raise
+                if refused is None:
+                    raise
             if refused is not None:
-                raise refused
+                raise refused     # this rank's own reason (the others report that it refused)
         self.accumulated_iterations = batches
         std = self.noise_multiplier * self.max_grad_norm
         if self.replicas is not None and not self.replicas.adds_noise:

@@ -92,6 +92,14 @@ def launch(argv: list[str], nproc_per_node: int, nnodes: int, node_rank: int, ma
     return 0
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (for a rendezvous on one node)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def seed_for_rank(seed: int, rank: int, *context: int) -> int:
     """An independent seed for one rank's own streams (rank 0 keeps ``seed``, so a one-process run and
     rank 0 of a distributed one draw alike)."""
