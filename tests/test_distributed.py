@@ -225,3 +225,20 @@ def test_ranks_on_different_data_refuse_to_start(data, tmp_path):
     assert [p.returncode for p in procs] == [2, 2], outs
     assert all("the ranks disagree on training data" in out for out in outs)
     assert "[rank 1]" in outs[1]
+
+
+def test_sigterm_to_the_launcher_reaches_every_rank_and_the_run_stops_with_a_checkpoint(data, tmp_path):
+    cmd = _train(data, tmp_path, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                 overrides=["train.n_epochs=10"])
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env())
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and launcher.poll() is None, launcher.stdout.read()
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)      # torchrun passes it to both ranks
+    out = launcher.communicate(timeout=180)[0]
+    assert launcher.returncode == 143, out
+    assert out.count("interrupted by SIGTERM") == 1 and "Traceback" not in out
+    state = load(tmp_path / "checkpoint.pt")
+    assert state["privacy"]["engine"]["accountant"]["history"][0][2] == state["step"] >= 2

@@ -13,7 +13,7 @@ from typing import Iterator, List
 
 import torch
 from opacus.data_loader import DPDataLoader, wrap_collate_with_empty
-from torch.utils.data import (BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler,
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler,
                               SequentialSampler, Subset, SubsetRandomSampler)
 from torch.utils.data.dataloader import default_collate
 
@@ -188,6 +188,10 @@ def _base_dataset(data_loader: DataLoader, poisson: bool = True):
                          "cannot tell what it selects (Poisson sampling would replace it); pass a DataLoader with "
                          "batch_size=... over exactly the examples to train on (torch.utils.data.Subset for a split)")
     sampler = batch_sampler.sampler
+    if isinstance(sampler, DistributedSampler):
+        raise ValueError("the data loader uses a DistributedSampler: pass every rank the same plain DataLoader over "
+                         "the whole dataset (batch_size = the global expected batch) with make_private("
+                         "distributed=True); each rank then Poisson-samples its own shard of every batch")
     if type(sampler) is SubsetRandomSampler:
         indices = [int(i) for i in sampler.indices]
         if len(set(indices)) != len(indices):

@@ -10,6 +10,7 @@ so that all stop after the same step.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = timedelta(minutes=30)   # a collective waits this long (a snapshot on rank 0 can take minutes on a CPU)
+SHUTDOWN_TIMEOUT_S = 300          # after a signal, how long torchrun waits for the ranks' checkpoint before killing them
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -77,14 +79,19 @@ def shutdown() -> None:
 def launch(argv: list[str], nproc_per_node: int, nnodes: int, node_rank: int, master_addr: str,
            master_port: int) -> int:
     """Run ``dpdm-fast train ARGV`` under torchrun (static rendezvous) and return its exit status."""
-    from torch.distributed.run import get_args_parser, run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args([
         f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}", f"--master-port={master_port}", "-m", "dpdm_fast.cli", "train", *argv])
+        f"--master-addr={master_addr}", f"--master-port={master_port}",
+        # a SIGTERM / SIGINT reaches every rank; give them time to finish the step and write the checkpoint
+        f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "dpdm_fast.cli", "train", *argv])
     try:
         run(args)
+    except SignalException as e:   # torchrun passed the signal on to the ranks, which stopped cleanly
+        return 130 if e.sigval == signal.SIGINT else 143
     except ChildFailedError as e:
         print(f"dpdm-fast: error: a rank failed, so the whole job stopped:\n{e.format_msg()}", file=sys.stderr)
         codes = {f.exitcode for f in e.failures.values()}
