@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 import traceback
+import warnings
 from contextlib import closing
 from pathlib import Path
 
@@ -21,12 +23,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from dpdm_fast import BatchMemoryManager, PrivacyEngine
 
 N, BATCH, K, DELTA = 24, 8, 3, 1e-5
-SCENARIOS = {
-    # name: (noise multiplier, optimizer, learning rate, steps, zero loss, width)
-    "sgd_clean": (0.0, "sgd", 1.0, 1, False, 16),
-    "sgd_noisy": (1.0, "sgd", 0.5, 3, False, 16),
-    "adam_noisy": (1.0, "adam", 1e-2, 5, False, 16),
-    "noise_only": (1.0, "sgd", 1.0, 1, True, 2048),
+SCENARIOS = {   # sigma, optimizer, learning rate, steps, global batch (q = batch / N), zero loss, width, secure
+    "sgd_clean": dict(sigma=0.0, opt="sgd", lr=1.0, steps=1, batch=BATCH, zero_loss=False, width=16, secure=False),
+    "sgd_noisy": dict(sigma=1.0, opt="sgd", lr=0.5, steps=3, batch=BATCH, zero_loss=False, width=16, secure=False),
+    "adam_noisy": dict(sigma=1.0, opt="adam", lr=1e-2, steps=5, batch=BATCH, zero_loss=False, width=16, secure=False),
+    # q = 1/12: about one example per rank per step, so some ranks' shards are empty (still stepped)
+    "sparse_noisy": dict(sigma=1.0, opt="sgd", lr=0.5, steps=8, batch=2, zero_loss=False, width=16, secure=False),
+    "noise_only": dict(sigma=1.0, opt="sgd", lr=1.0, steps=1, batch=BATCH, zero_loss=True, width=2048, secure=False),
+    # OS-seeded sampling and noise: no one-process twin, but the same checks on shards and replicas
+    "secure": dict(sigma=1.0, opt="sgd", lr=0.5, steps=3, batch=BATCH, zero_loss=False, width=16, secure=True),
 }
 
 
@@ -48,17 +53,21 @@ def _data():
 
 def scenario(name: str, distributed: bool, *, double_noise: bool = False) -> dict:
     """Train ``name`` (see SCENARIOS); ``double_noise``: every rank adds noise (the bug the tests must catch)."""
-    sigma, opt_name, lr, steps, zero_loss, width = SCENARIOS[name]
+    c = SCENARIOS[name]
     torch.manual_seed(1 + (dist.get_rank() if distributed else 0))   # different init per rank: rank 0's is broadcast
-    model = _model(width)
-    optimizer = (torch.optim.SGD if opt_name == "sgd" else torch.optim.Adam)(model.parameters(), lr=lr)
+    model = _model(c["width"])
+    optimizer = (torch.optim.SGD if c["opt"] == "sgd" else torch.optim.Adam)(model.parameters(), lr=c["lr"])
     x, idx = _data()
-    loader = DataLoader(TensorDataset(x, idx), batch_size=BATCH, shuffle=True,
+    loader = DataLoader(TensorDataset(x, idx), batch_size=c["batch"], shuffle=True,
                         generator=torch.Generator().manual_seed(2))
-    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=c["secure"])
     model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=1.0,
-        noise_multiplicity=K, noise_generator=torch.Generator().manual_seed(3), distributed=distributed)
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=c["sigma"], max_grad_norm=1.0,
+        noise_multiplicity=K, noise_generator=None if c["secure"] else torch.Generator().manual_seed(3),
+        distributed=distributed)
+    steps, zero_loss = c["steps"], c["zero_loss"]
     if double_noise:   # every rank believes it is the one that adds the noise
         optimizer.replicas = dataclasses.replace(optimizer.replicas, rank=0)
     offsets = 0.1 * torch.randn(K, 1, 6, 6, generator=torch.Generator().manual_seed(4))
@@ -95,6 +104,8 @@ def refusal(kind: str) -> dict:
     model = _model(16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, idx = _data()
+    if kind == "permuted" and dist.get_rank() == 1:   # the same examples in another order on one rank
+        x, idx = x.flip(0), idx.flip(0)
     engine = PrivacyEngine(accountant="rdp")
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer,
@@ -107,6 +118,13 @@ def refusal(kind: str) -> dict:
                 optimizer.noise_multiplier = 0.5     # less noise on one rank only
             elif kind == "crash":
                 raise SystemExit(3)                  # the process dies without a word to the others
+            elif kind == "forward_error":            # raises, tells the others, and stays alive a while
+                try:
+                    raise RuntimeError("boom in rank 1's forward")
+                except RuntimeError:
+                    optimizer.abandon_step()
+                    time.sleep(15)
+                    raise
         loss = model(xb).pow(2).mean(dim=1).mean()
         loss.backward()
         if step == 1 and rank == 1 and kind == "double_backward":
@@ -146,7 +164,7 @@ def rank_main(rank: int, world: int, port: int, out: str, task: str, kwargs: dic
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = {"ok": globals()[task](**kwargs)}
     except BaseException as e:   # noqa: BLE001 (SystemExit included: reported like any failure)
-        result = {"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
+        result = {"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc(), "at": time.time()}
         if isinstance(e, SystemExit):
             torch.save(result, Path(out) / f"rank{rank}.pt")
             os._exit(int(e.code or 1))

@@ -105,4 +105,5 @@ def test_distributed_mode_times_one_and_two_processes_and_the_all_reduce(tmp_pat
     assert cell["one_process_s"] > 0 and cell["distributed_s"] > 0 and 0 < cell["all_reduce_alone_s"] < cell["distributed_s"]
     assert cell["efficiency"] == cell["one_process_s"] / (2 * cell["distributed_s"])
     assert cell["flat_bytes"] == 4 * cell["params"]
+    assert cell["max_weight_difference"] < 1e-5   # the 2-process engine did the 1-process engine's steps
     assert "| 4 x 2 |" in (tmp_path / "distributed.md").read_text()

@@ -55,16 +55,20 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process():
-    return {name: scenario(name, distributed=False) for name in SCENARIOS}
+    return {name: scenario(name, distributed=False) for name, c in SCENARIOS.items() if not c["secure"]}
 
 
 def test_the_ranks_split_each_poisson_batch_of_one_process_between_them(ranks, one_process):
-    for name in SCENARIOS:
+    for name in one_process:
         for step, whole in enumerate(one_process[name]["batches"]):
             shards = [r[name]["batches"][step] for r in ranks]
             assert all(i % 2 == rank for rank, shard in enumerate(shards) for i in shard)   # each its own shard
             assert sorted(shards[0] + shards[1]) == whole, (name, step)
     assert {len(b) for b in one_process["adam_noisy"]["batches"]} != {BATCH}   # Poisson sizes, not fixed batches
+    assert any(not shard for r in ranks for shard in r["sparse_noisy"]["batches"])   # an empty shard was stepped
+    secure = [r["secure"]["batches"] for r in ranks]   # own OS-seeded masks: still disjoint shards
+    for step in range(3):
+        assert all(i % 2 == rank for rank in (0, 1) for i in secure[rank][step])
 
 
 def test_one_step_gives_the_same_update_on_one_and_two_ranks(ranks, one_process):
@@ -76,17 +80,19 @@ def test_one_step_gives_the_same_update_on_one_and_two_ranks(ranks, one_process)
         torch.testing.assert_close(r["sgd_clean"]["params"][1], reference[1], rtol=0, atol=1e-6)
 
 
-def test_with_noise_the_ranks_reproduce_the_one_process_run_because_rank_0_draws_the_noise_once(ranks, one_process):
-    reference = one_process["sgd_noisy"]["params"]
+@pytest.mark.parametrize("name", ["sgd_noisy", "sparse_noisy"])
+def test_with_noise_the_ranks_reproduce_the_one_process_run_because_rank_0_draws_the_noise_once(ranks, one_process,
+                                                                                               name):
+    reference = one_process[name]["params"]
     for r in ranks:
-        for step in (1, 2, 3):
-            torch.testing.assert_close(r["sgd_noisy"]["params"][step], reference[step], rtol=0, atol=1e-5)
+        for step in range(1, SCENARIOS[name]["steps"] + 1):
+            torch.testing.assert_close(r[name]["params"][step], reference[step], rtol=0, atol=1e-5)
 
 
 def _noise_variance(result: dict) -> float:
     """The update of a zero loss is -lr * noise / B: the variance of noise / (sigma C) per coordinate."""
-    sigma, _, lr, _, _, _ = SCENARIOS["noise_only"]
-    z = (result["params"][0] - result["params"][1]) * result["expected_batch"] / (lr * sigma * 1.0)
+    c = SCENARIOS["noise_only"]
+    z = (result["params"][0] - result["params"][1]) * result["expected_batch"] / (c["lr"] * c["sigma"] * 1.0)
     return float(z.var())
 
 
@@ -103,29 +109,31 @@ def test_the_noise_has_variance_sigma_c_squared_and_a_double_noised_run_fails_th
 
 
 def test_parameters_stay_identical_on_every_rank_after_every_step(ranks):
-    for name in SCENARIOS:
+    for name in ranks[0]:
         steps = ranks[0][name]["params"]
-        assert len(steps) == SCENARIOS[name][3] + 1
+        assert len(steps) == SCENARIOS[name.replace("_double", "")]["steps"] + 1
         for step, params in enumerate(steps):
             assert torch.equal(params, ranks[1][name]["params"][step]), (name, step)
         assert not torch.equal(steps[0], steps[-1])
 
 
 def test_epsilon_is_the_same_on_every_rank_and_equals_the_one_process_run(ranks, one_process):
-    for name, (sigma, _, _, steps, _, _) in SCENARIOS.items():
-        if sigma == 0:
+    for name, c in SCENARIOS.items():
+        if c["sigma"] == 0:
             continue
+        q = c["batch"] / N
         fresh = RDPAccountant()
-        fresh.history = [(sigma, 1 / 3, steps)]
+        fresh.history = [(c["sigma"], q, c["steps"])]
         expected = fresh.get_epsilon(DELTA)
-        assert one_process[name]["epsilon"] == pytest.approx(expected, rel=1e-12)
         for r in ranks:
-            assert r[name]["steps"] == steps and r[name]["sample_rate"] == 1 / 3
-            assert r[name]["expected_batch"] == N // 3          # the global expected batch, not a rank's share
-            assert r[name]["epsilon"] == one_process[name]["epsilon"]
+            assert r[name]["steps"] == c["steps"] and r[name]["sample_rate"] == q
+            assert r[name]["expected_batch"] == c["batch"]          # the global expected batch, not a rank's share
+            assert r[name]["epsilon"] == pytest.approx(expected, rel=1e-12)
+            if name in one_process:
+                assert r[name]["epsilon"] == one_process[name]["epsilon"]
 
 
-@pytest.mark.parametrize("kind", ["setting", "double_backward", "crash"])
+@pytest.mark.parametrize("kind", ["setting", "double_backward", "crash", "forward_error", "permuted"])
 def test_a_rank_that_breaks_the_rules_or_dies_stops_every_rank_with_a_clear_error(tmp_path, kind):
     start = time.time()
     results = spawn(tmp_path, "refusal", kind=kind)
@@ -139,9 +147,15 @@ def test_a_rank_that_breaks_the_rules_or_dies_stops_every_rank_with_a_clear_erro
     elif kind == "double_backward":   # its own check refuses; the other learns it refused
         assert rank1["error"] == "RuntimeError" and "clipped" in rank1["message"]
         assert "rank(s) [1] refused step 2" in rank0["message"]
-    else:   # died: the other's collective fails promptly instead of waiting forever
+    elif kind == "crash":   # died: the other's collective fails promptly instead of waiting forever
         assert rank1["error"] == "SystemExit"
         assert "Another rank has most likely stopped with an error" in rank0["message"]
+    elif kind == "forward_error":   # abandon_step told the others at once; rank 1 was still alive for 15 s
+        assert rank1["error"] == "RuntimeError" and "boom" in rank1["message"]
+        assert "rank(s) [1] refused step 2" in rank0["message"] and rank1["at"] - rank0["at"] > 10
+    else:   # the same examples in another order: sharding by position could put one example on both ranks
+        assert rank1["error"] == "ReplicaError"
+        assert all("disagree on dataset (an order-sensitive hash" in r["message"] for r in results)
 
 
 def test_make_private_in_a_multi_process_job_wants_an_explicit_choice_and_refuses_torch_ddp(tmp_path):
@@ -176,29 +190,51 @@ def _ranks_by_hand(cmds, port):
             for r, cmd in enumerate(cmds)]
 
 
-def test_two_rank_training_writes_once_and_resumes_on_one_rank(data, tmp_path):
-    run = subprocess.run(_train(data, tmp_path, "--max-steps", "3", "--nproc-per-node", "2",
-                                "--master-port", str(free_port())),
-                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out
+def _launch(data, workdir, *extra):
+    run = subprocess.run(_train(data, workdir, *extra, overrides=["dp.autotune=false"]), capture_output=True,
+                         text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout + run.stderr
+
+
+def _two_ranks():
+    return ["--nproc-per-node", "2", "--master-port", str(free_port())]
+
+
+def test_two_rank_training_writes_once_and_resumes_exactly_on_two_ranks_and_on_one(data, tmp_path):
+    run, straight = tmp_path / "sliced", tmp_path / "straight"
+    out = _launch(data, run, "--max-steps", "3", *_two_ranks())
     assert "2 processes (gloo)" in out and out.count("stopped at --max-steps 3") == 1   # rank 0 reports
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]       # one set of logs
-    state = load(tmp_path / "checkpoint.pt")
+    state = load(run / "checkpoint.pt")
     assert state["step"] == 3 and state["rng"]["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2
     plan = state["privacy"]["plan"]
     assert state["privacy"]["engine"]["accountant"]["history"] == [(plan["noise_multiplier"], plan["sample_rate"], 3)]
     one_process_eps = epsilon_after("rdp", plan["noise_multiplier"], plan["sample_rate"], 3, plan["delta"])
     assert state["privacy"]["epsilon"] == one_process_eps and plan["sample_rate"] == 1 / 7   # q of batch 32 of 200
 
-    resumed = subprocess.run(_train(data, tmp_path, "--resume", "--max-steps", "5"), capture_output=True, text=True,
-                             env=_env(), cwd=ROOT, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming a run of 2 process(es) on 1" in resumed.stderr
-    state = load(tmp_path / "checkpoint.pt")
-    assert state["step"] == 5 and state["privacy"]["engine"]["accountant"]["history"][0][2] == 5
-    assert state["rng"]["world_size"] == 1
+    # on 2 ranks again: every generator (each rank's own included) continues, as if never stopped
+    out = _launch(data, run, "--resume", "--max-steps", "5", *_two_ranks())
+    assert "re-derived" not in out
+    _launch(data, straight, "--max-steps", "5", *_two_ranks())
+    sliced, whole = load(run / "checkpoint.pt"), load(straight / "checkpoint.pt")
+    assert sliced["step"] == whole["step"] == 5
+    for key in whole["model"]:
+        assert torch.equal(sliced["model"][key], whole["model"][key]), key
+    assert sliced["privacy"]["epsilon"] == whole["privacy"]["epsilon"]
+
+    # on 1 rank, then on 2 again: the ledger and the step carry over; the per-rank streams are re-derived
+    out = _launch(data, run, "--resume", "--max-steps", "6")
+    assert "resuming a run of 2 process(es) on 1" in out
+    state = load(run / "checkpoint.pt")
+    assert state["step"] == 6 and state["rng"]["world_size"] == 1
+    out = _launch(data, run, "--resume", "--max-steps", "7", *_two_ranks())
+    assert "resuming a run of 1 process(es) on 2" in out
+    state = load(run / "checkpoint.pt")
+    assert state["step"] == 7 and state["privacy"]["engine"]["accountant"]["history"][0][2] == 7
+    assert state["privacy"]["epsilon"] == epsilon_after("rdp", plan["noise_multiplier"], plan["sample_rate"], 7,
+                                                        plan["delta"])
 
 
 def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):

@@ -101,13 +101,15 @@ def _rank(rank: int, world: int, port: int, out: str, workload: str, grid: list,
             dist.all_reduce(flat)
             _sync(dev)
             alone.append(time.perf_counter() - start)
-        step_n = torch.tensor(tn[1:], dtype=torch.float64)
+        step_n = torch.tensor(tn[1:], dtype=torch.float64, device=dev)   # (NCCL gathers CUDA tensors only)
         slowest = [torch.zeros_like(step_n) for _ in range(world)]
         dist.all_gather(slowest, step_n)
-        step_n = torch.stack(slowest).max(0).values.tolist()    # a step ends when its slowest rank does
+        step_n = torch.stack(slowest).max(0).values.cpu().tolist()    # a step ends when its slowest rank does
         if rank == 0:
             m1, mn = statistics.median(t1[1:]), statistics.median(step_n)
-            cells.append({"B": B, "K": K, "params": pm_n.collector.layout.size,
+            # both engines took the same steps on the same examples with noise seeded alike: the same weights
+            difference = max(float((a - b).abs().max()) for a, b in zip(pm_1.parameters(), pm_n.parameters()))
+            cells.append({"B": B, "K": K, "params": pm_n.collector.layout.size, "max_weight_difference": difference,
                           "one_process_s": m1, "distributed_s": mn,
                           "one_process_examples_per_s": B / m1, "distributed_examples_per_s": B / mn,
                           "speedup": m1 / mn, "efficiency": m1 / (world * mn),
@@ -156,7 +158,10 @@ def markdown(result: dict) -> str:
                      f"{1e3 * c['all_reduce_in_step_s']:.2f} ms | {1e3 * c['all_reduce_alone_s']:.2f} ms | "
                      f"{c['flat_bytes'] / 2**20:.1f} MiB |")
     lines += ["", "all-reduce in step: the flat fp32 all-reduce as timed inside the DP step (it includes waiting "
-              "for the slowest rank); alone: the same all-reduce right after a barrier (communication only)."]
+              "for the slowest rank); alone: the same all-reduce right after a barrier (communication only).",
+              "Check: after the rounds, the two engines' weights differ by at most "
+              f"{max((c['max_weight_difference'] for c in result['cells']), default=0):.1e} (the same steps on the "
+              "same examples, noise seeded alike)."]
     return "\n".join(lines) + "\n"
 
 

@@ -69,6 +69,11 @@ class GroupGradientCollector:
         self._max_grad_norm = value
 
     @property
+    def layout_device(self) -> torch.device:
+        """Where the flat sums live (without folding anything in, unlike ``clipped_sum``)."""
+        return self._clipped_sum.device
+
+    @property
     def clipped_sum(self) -> torch.Tensor:
         """The flat fp32 sum of the clipped per-example gradients folded in since the last reset."""
         self.flush()

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .backends import Noise
 from .collector import GroupGradientCollector, profile_scope
-from .distributed import CHECK_EVERY, Replicas, parameter_checksum
+from .distributed import CHECK_EVERY, Replicas, ReplicaError, parameter_checksum
 
 
 def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -74,6 +74,7 @@ class DPOptimizer(Optimizer):
         if replicas is not None and scale_by_accumulated_iterations:
             raise ValueError("a distributed step needs Poisson sampling (one batch per step on every rank)")
         self.replicas = replicas
+        self._exchanged = False
         self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
         self.before_noise: list[Callable[[torch.Tensor], None]] = []
         # The loader make_private returned (its ledger of batch sizes), and whether each step must be
@@ -170,54 +171,52 @@ class DPOptimizer(Optimizer):
         """Noise and scale; returns False when this step only accumulates."""
         collector = self.collector
         accumulated, collector.backwards_since_step = collector.backwards_since_step, 0
-        if collector.closed:
-            raise RuntimeError("this optimizer's private module was replaced by a later make_private call: use "
-                               "the optimizer that call returned")
-        if self._skip_next and collector.backward_calls:
+        if self._skip_next and collector.backward_calls and not collector.closed:
             self._skip_next, self._last_step_skipped = False, True
             return False
         self._last_step_skipped = False
-        refused = None
+        refused, divisor = None, self.expected_batch_size
+        # Everything that can fail on this rank alone happens before the ranks' exchange (so that a refusal is
+        # announced to them there); the noise is drawn here too (rank 0), but released only by the all-reduce.
         try:
+            if collector.closed:
+                raise RuntimeError("this optimizer's private module was replaced by a later make_private call: use "
+                                   "the optimizer that call returned")
             if collector.backward_calls == 0:
                 raise RuntimeError("optimizer.step() called without a backward() through the private module since "
                                    "the last step: there are no clipped per-example gradients to apply")
             batches = self._check_batches() if self.ledger is not None else max(1, accumulated)
             self._check_no_ordinary_gradients()
-        except BaseException as e:
-            self._discard()
-            if self.replicas is None:
-                raise
-            refused, batches = e, 0   # raised below, after telling the other ranks (they must not wait for us)
-        divisor = 1
-        if self.loss_reduction == "mean":
-            divisor = self.expected_batch_size * (batches if self.scale_by_accumulated_iterations else 1)
-        if self.replicas is not None:
-            try:
-                self._agree_with_replicas(refused is None, divisor)
-            except BaseException:
-                self._discard()
-                if refused is None:
-                    raise
-            if refused is not None:
-                raise refused     # this rank's own reason (the others report that it refused)
-        self.accumulated_iterations = batches
-        std = self.noise_multiplier * self.max_grad_norm
-        if self.replicas is not None and not self.replicas.adds_noise:
-            std = 0.0     # the noise is drawn once, by rank 0; the all-reduce below adds it to every rank's sum
-        try:
+            self.accumulated_iterations = batches
+            divisor = 1
+            if self.loss_reduction == "mean":
+                divisor = self.expected_batch_size * (batches if self.scale_by_accumulated_iterations else 1)
+            std = self.noise_multiplier * self.max_grad_norm
+            if self.replicas is not None and not self.replicas.adds_noise:
+                std = 0.0   # the noise is drawn once, by rank 0; the all-reduce below adds it to every rank's sum
             if self.before_noise:
                 total = collector.clipped_sum   # (folds the last backward in first)
                 for hook in self.before_noise:
                     hook(total)
             # the backend's final pass: the last backward's clip-weighted sum, noise, division, into one flat tensor
             flat = collector.finish(Noise(std, self.generator, self.secure_mode, divisor))
-            if self.replicas is not None:
-                with profile_scope("dpdm_fast.all_reduce"):
-                    self.replicas.all_reduce_sum(flat)
-        except BaseException:
-            self._discard()   # nothing half-applied: the step's clipped sums are dropped, as for a refused step
-            raise
+        except BaseException as e:
+            self._discard()   # nothing half-applied: the step's clipped sums are dropped
+            if self.replicas is None:
+                raise
+            refused = e       # raised below, after telling the other ranks (they must not wait for this one)
+        if self.replicas is not None:
+            try:
+                self._agree_with_replicas(refused is None, divisor)
+                if refused is None:
+                    with profile_scope("dpdm_fast.all_reduce"):
+                        self.replicas.all_reduce_sum(flat)
+            except BaseException:
+                self._discard()
+                if refused is None:
+                    raise
+            if refused is not None:
+                raise refused     # this rank's own reason (the others report that it refused)
         if self.secure_mode:  # re-seed so the stream cannot be replayed from one observed seed
             self.generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         layout = collector.layout
@@ -228,11 +227,24 @@ class DPOptimizer(Optimizer):
         for hook in self.step_hooks:
             hook(self)
         self._steps_taken += 1
+        self._exchanged = False
         return True
+
+    def abandon_step(self) -> None:
+        """This rank cannot finish the current step (its forward or backward raised): drop the step's
+        clipped sums and, in a distributed run, tell the other ranks at this step's exchange, so that
+        they stop with an error instead of waiting for this one. Call it before re-raising."""
+        self._discard()
+        if self.replicas is not None and not self._exchanged:
+            try:
+                self._agree_with_replicas(False, self.expected_batch_size)
+            except ReplicaError:
+                pass
 
     def _agree_with_replicas(self, ok: bool, divisor: float) -> None:
         """Every rank enters this exchange once per step, also one that refused its step (``ok=False``),
         so that all stop together; settings changed on one rank only are refused on every rank."""
+        self._exchanged = True     # (abandon_step must not enter it a second time for this step)
         values = {"ok": float(ok), "steps taken": self._steps_taken, "noise_multiplier": self.noise_multiplier,
                   "max_grad_norm": self.max_grad_norm, "divisor (expected batch size)": divisor,
                   "secure_mode": self.secure_mode, "noise multiplicity K": self.collector.K,
@@ -241,7 +253,7 @@ class DPOptimizer(Optimizer):
                                                  if id(p) in self.collector.active),
                   "parameter checksum": (parameter_checksum(self.collector.layout.params)
                                          if self._steps_taken % CHECK_EVERY == 0 else 0.0)}
-        self.replicas.agree(values, self.collector.clipped_sum.device, f"step {self._steps_taken + 1}")
+        self.replicas.agree(values, self.collector.layout_device, f"step {self._steps_taken + 1}")
 
     def _check_batches(self) -> int:
         """Each step folds in exactly the examples of the batches drawn for it, each clipped once.

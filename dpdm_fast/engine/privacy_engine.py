@@ -14,7 +14,7 @@ from opacus.validators import ModuleValidator
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .distributed import Replicas, is_replicated_run
+from .distributed import Replicas, dataset_fingerprint, is_replicated_run
 from .optimizer import DPOptimizer
 from .poisson import make_poisson_loader, make_recording_loader
 from .private_module import PrivateModule
@@ -144,8 +144,10 @@ class PrivacyEngine:
                             "dataset size": len(data_loader.dataset), "expected batch size": expected_batch_size,
                             "loss reduction is mean": loss_reduction == "mean", "secure_mode": self.secure_mode,
                             "accountant steps so far": self.steps,
+                            "dataset (an order-sensitive hash: every rank must hold the same examples in the "
+                            "same order)": int(dataset_fingerprint(data_loader.dataset)[:13], 16),
                             "trainable parameters": private.collector.layout.size},
-                           private.collector.clipped_sum.device, "make_private")
+                           private.collector.layout_device, "make_private")
         dp_optimizer = DPOptimizer(optimizer, private.collector, noise_multiplier=noise_multiplier,
                                    expected_batch_size=expected_batch_size, generator=noise_generator,
                                    secure_mode=self.secure_mode, scale_by_accumulated_iterations=not poisson_sampling,

@@ -52,15 +52,19 @@ class TrainResult:
 
 class _Interrupt:
     """SIGINT / SIGTERM set a flag; the loop finishes its step, writes a checkpoint and returns.
-    A second signal of the same kind falls back to the default action (e.g. Ctrl-C twice aborts)."""
+    A second signal of the same kind falls back to the default action (e.g. Ctrl-C twice aborts),
+    except in a distributed run (``keep=True``): there a scheduler and torchrun may each pass the same
+    signal on, and rank 0 must not die while it writes the checkpoint (torchrun kills after its timeout)."""
 
-    def __init__(self):
+    def __init__(self, keep: bool = False):
         self.signal: str | None = None
         self._previous = {}
+        self._keep = keep
 
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signal = self.signal or signal.Signals(signum).name
+        if not self._keep:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -175,7 +179,7 @@ class Trainer:
             try:
                 _check_writable(self.workdir)
                 outcome = ("ok", self._existing_checkpoint(resume))
-            except (ckpt.CheckpointError, ValueError, FileNotFoundError) as e:
+            except Exception as e:   # noqa: BLE001 (whatever it is, the other ranks must not wait for rank 0)
                 outcome = ("error", e)
         kind, value = broadcast_from_main(outcome)
         if kind == "error":
@@ -393,15 +397,19 @@ class Trainer:
         wall = lambda: self.wall_before + time.perf_counter() - start  # noqa: E731
         stats = StepStats()
         stop_signal = None
-        with _Interrupt() as interrupt, tuning:
+        with _Interrupt(keep=self.ranks.distributed) as interrupt, tuning:
             try:
                 while self.step < stop_at and stop_signal is None:
                     with BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=self.physical_batch_size,
                                             optimizer=self.optimizer) as batches:
                         for x, y in batches:
                             before = self.engine.steps
-                            self._physical_batch(x, y, stats)
-                            self.optimizer.step()
+                            try:
+                                self._physical_batch(x, y, stats)
+                                self.optimizer.step()
+                            except Exception:
+                                self.optimizer.abandon_step()   # the other ranks stop at this step too
+                                raise
                             self.optimizer.zero_grad(set_to_none=True)
                             if self.engine.steps == before:
                                 continue       # a physical batch inside a logical one: noise comes at its end
@@ -419,6 +427,8 @@ class Trainer:
                             if self.step >= stop_at or stop_signal is not None:
                                 break
                 self.save(wall(), numbered=self.step % save_freq == 0)
+                if self.ranks.distributed:
+                    barrier()   # no rank exits (which torchrun could take for a failure) before rank 0 has written
             finally:
                 out.close()
         finished = self.step >= plan.budget_steps
@@ -440,6 +450,11 @@ class Trainer:
               f"({plan.accountant} accountant), wall {wall():.0f} s, checkpoint {self.ckpt_path}"
               + ("" if finished else "; continue with --resume"))
         return result
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    dist.barrier()
 
 
 def dist_backend() -> str:

@@ -83,11 +83,15 @@ def launch(argv: list[str], nproc_per_node: int, nnodes: int, node_rank: int, ma
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args([
+    parser = get_args_parser()
+    grace = []
+    # a SIGTERM / SIGINT reaches every rank; give them time to finish the step and write the checkpoint
+    if "--shutdown-timeout" in parser._option_string_actions:    # (torchrun >= 2.12; before: 30 s, fixed)
+        grace = [f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}"]
+    args = parser.parse_args([
         f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}", f"--master-port={master_port}",
-        # a SIGTERM / SIGINT reaches every rank; give them time to finish the step and write the checkpoint
-        f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "dpdm_fast.cli", "train", *argv])
+        f"--master-addr={master_addr}", f"--master-port={master_port}", *grace,
+        "-m", "dpdm_fast.cli", "train", *argv])
     try:
         run(args)
     except SignalException as e:   # torchrun passed the signal on to the ranks, which stopped cleanly
