@@ -108,7 +108,7 @@ def _rank(rank: int, world: int, port: int, out: str, workload: str, grid: list,
         if rank == 0:
             m1, mn = statistics.median(t1[1:]), statistics.median(step_n)
             # both engines took the same steps on the same examples with noise seeded alike: the same weights
-            difference = max(float((a - b).abs().max()) for a, b in zip(pm_1.parameters(), pm_n.parameters()))
+            difference = max(float((a - b).detach().abs().max()) for a, b in zip(pm_1.parameters(), pm_n.parameters()))
             cells.append({"B": B, "K": K, "params": pm_n.collector.layout.size, "max_weight_difference": difference,
                           "one_process_s": m1, "distributed_s": mn,
                           "one_process_examples_per_s": B / m1, "distributed_examples_per_s": B / mn,
