@@ -153,6 +153,19 @@ def wrapping_choices() -> dict:
             errors[name] = None
         except ValueError as e:
             errors[name] = str(e)
+    # Opacus's DPDDP wrapper asks for the same; so does make_private_with_epsilon(distributed=True)
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    wrapped = DPDDP(_model(4))
+    _, opt, dpddp_loader = PrivacyEngine().make_private(
+        module=wrapped, optimizer=torch.optim.SGD(wrapped.parameters(), lr=0.1), data_loader=loader,
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    model = _model(4)
+    engine = PrivacyEngine(accountant="rdp")
+    _, opt2, eps_loader = engine.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader, target_epsilon=3.0,
+        target_delta=1e-5, epochs=2, max_grad_norm=1.0, distributed=True)
+    errors["shards"] = [dpddp_loader.shard, eps_loader.shard, opt.replicas is not None, opt2.replicas is not None]
+    errors["sigma"] = opt2.noise_multiplier
     return errors
 
 

@@ -158,11 +158,13 @@ def test_a_rank_that_breaks_the_rules_or_dies_stops_every_rank_with_a_clear_erro
         assert all("disagree on dataset (an order-sensitive hash" in r["message"] for r in results)
 
 
-def test_make_private_in_a_multi_process_job_wants_an_explicit_choice_and_refuses_torch_ddp(tmp_path):
-    for r in spawn(tmp_path, "wrapping_choices"):
-        errors = _ok(r)
+def test_make_private_in_a_multi_process_job_wants_an_explicit_choice_accepts_dpddp_and_refuses_torch_ddp(tmp_path):
+    results = [_ok(r) for r in spawn(tmp_path, "wrapping_choices")]
+    for rank, errors in enumerate(results):
         assert "pass make_private(distributed=True)" in errors["implicit"]
         assert "DistributedDataParallel" in errors["ddp"]
+        assert errors["shards"] == [(rank, 2), (rank, 2), True, True]   # DPDDP and with_epsilon: sharded, all-reduced
+    assert results[0]["sigma"] == results[1]["sigma"] > 0
 
 
 # -- dpdm-fast train on 2 ranks -------------------------------------------------------------------

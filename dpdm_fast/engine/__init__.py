@@ -7,12 +7,13 @@ from .backends import get_backend
 from .batch_memory_manager import BatchMemoryManager
 from .optimizer import DPOptimizer
 from .collector import GroupGradientCollector
+from .distributed import ReplicaError
 from .private_module import PrivateModule
 from .rules import RULES, find_rule, register_rule
 from .validate import UnsupportedModuleError
 
 __all__ = ["PrivacyEngine", "PrivateModule", "DPOptimizer", "BatchMemoryManager", "PoissonDataLoader",
-           "GroupGradientCollector", "UnsupportedModuleError", "register_rule", "find_rule", "RULES", "get_backend"]
+           "GroupGradientCollector", "UnsupportedModuleError", "ReplicaError", "register_rule", "find_rule", "RULES", "get_backend"]
 
 
 def __getattr__(name: str):
