@@ -1,0 +1,1 @@
+"""Empirical privacy audit: a lower bound on epsilon from canaries in one training run."""

@@ -1,0 +1,82 @@
+"""report.json, report.md and scores.png of an audit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def verdict(result: dict) -> str:
+    lb, claimed = result["epsilon_lower_bound"], result["claimed_epsilon"]
+    if result["noise_multiplier"] == 0:
+        return (f"noise off: the audit measured eps >= {lb:.2f} (ceiling {result['ceiling']:.2f}); "
+                + ("it detects the leak (above the claimed eps of the noised run)" if lb > claimed
+                   else "it did NOT detect a leak above the claimed eps: the audit has too little power here"))
+    if lb > claimed:
+        return f"LEAK: the measured lower bound {lb:.3f} exceeds the claimed eps {claimed:g}"
+    return f"consistent: the measured lower bound {lb:.3f} is below the claimed eps {claimed:g}"
+
+
+def markdown(result: dict) -> str:
+    r, g = result, result["guesses"]
+    spent = r["accountant_epsilon_of_this_run"]
+    lines = [
+        f"# Privacy audit ({r['mode']} canaries, one run)",
+        "",
+        f"**{verdict(r)}**",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| claimed eps (config target, delta={r['delta']:g}) | {r['claimed_epsilon']:g} |",
+        f"| accountant eps of this run | {'inf (no noise)' if spent is None else f'{spent:.4f}'} |",
+        f"| eps lower bound ({100 * r['confidence']:.0f}% confidence) | {r['epsilon_lower_bound']:.4f} |",
+        f"| ceiling for {g['top'] + g['bottom']} guesses | {r['ceiling']:.3f} |",
+        f"| right guesses | {g['right']} of {g['top']} top + {g['bottom']} bottom |",
+        f"| canaries (included) | {r['canaries']} ({r['included']}) |",
+        f"| real examples | {r['real_examples']} |",
+        f"| noise multiplier (calibrated) | {r['noise_multiplier']:.4f} ({r['calibrated_noise_multiplier']:.4f}) |",
+        f"| sample rate, steps, K, C | {r['sample_rate']:.4f}, {r['steps']}, {r['noise_multiplicity']}, {r['max_grad_norm']:g} |",
+        f"| backend, device | {r['backend']}, {r['device']} |",
+        f"| wall time | {r['wall_s']:.0f} s |",
+        "",
+        "Guess counts tried (fixed in advance, Bonferroni-corrected: each at significance "
+        f"{r['significance_per_candidate']:.4f}): "
+        + ", ".join(f"{c['guesses']} (ceiling {c['ceiling']:.2f})" for c in r["candidates"]) + ".",
+        "",
+        "What this shows: a lower bound on the eps of this build's whole training pipeline, at the stated "
+        "confidence. A bound below the claim is consistent with the guarantee; it does not prove it (an "
+        "audit can only refute). The bound cannot exceed the ceiling, however much the run leaks.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores, inc = np.asarray(result["scores"]), np.asarray(result["included_mask"], dtype=bool)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    bins = np.histogram_bin_edges(scores, bins=40)
+    ax.hist(scores[inc], bins=bins, alpha=0.6, label=f"included ({inc.sum()})")
+    ax.hist(scores[~inc], bins=bins, alpha=0.6, label=f"excluded ({(~inc).sum()})")
+    ax.set_xlabel("score (higher: guessed included)")
+    ax.set_ylabel("canaries")
+    ax.set_title(f"{result['mode']} canaries, sigma={result['noise_multiplier']:.3g}: "
+                 f"eps >= {result['epsilon_lower_bound']:.2f} (claimed {result['claimed_epsilon']:g})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict, out_dir: str | Path) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "scores.png"}
+    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["markdown"].write_text(markdown(result))
+    plot(result, paths["plot"])
+    return paths
