@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     au = sub.add_parser("audit", help="empirical privacy audit (one training run with canaries): a lower bound on eps")
     au.add_argument("config", nargs="?", default=None,
-                    help=f"training config to audit (default {DEFAULT_AUDIT_CONFIG}: a few minutes on 2 CPU cores)")
+                    help=f"training config to audit (default {DEFAULT_AUDIT_CONFIG}: 1-2 minutes on 2 CPU cores)")
     au.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     au.add_argument("--canaries", type=int, default=1000, help="m canaries, each included with probability 1/2")
     au.add_argument("--mode", choices=("gradient", "input"), default="gradient",

@@ -54,7 +54,8 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, significance: floa
     if refuted(EPS_MAX):
         return EPS_MAX
     # p_value increases with eps: the boundary is where it crosses the significance level
-    return float(brentq(lambda eps: p_value(m, r, v, eps, delta) - significance, 0.0, EPS_MAX, xtol=1e-6))
+    root = brentq(lambda eps: p_value(m, r, v, eps, delta) - significance, 0.0, EPS_MAX, xtol=1e-9)
+    return max(0.0, float(root) - 1e-8)     # (on the refuted side of the crossing)
 
 
 def ceiling(m: int, r: int, delta: float, significance: float = 0.05) -> float:

@@ -11,8 +11,8 @@ Two kinds (``mode``):
   denoising loss is multiplied by 0. The real examples never touch theta. Score: minus the change of
   theta_j over training (an included canary pulls theta_j down by up to C per step it is sampled).
 - ``input`` (black-box): canary j is an image of random +-1 pixels with a random label, trained on
-  like any image. Score: minus its denoising loss under the final model, averaged over fixed noise
-  draws.
+  like any image. Score: how much training lowered its denoising loss (the loss under the initial
+  model minus the loss under the final one, each averaged over the same fixed noise draws).
 """
 from __future__ import annotations
 

@@ -9,6 +9,10 @@ import numpy as np
 
 def verdict(result: dict) -> str:
     lb, claimed = result["epsilon_lower_bound"], result["claimed_epsilon"]
+    if 0 < result["noise_multiplier"] != result["calibrated_noise_multiplier"]:   # the run claims what its noise gives
+        spent = result["accountant_epsilon_of_this_run"]
+        return (f"noise overridden (sigma={result['noise_multiplier']:.4g}, eps {spent:.3f} by the accountant): "
+                + (f"LEAK: the lower bound {lb:.3f} exceeds it" if lb > spent else f"the lower bound {lb:.3f} is below it"))
     if result["noise_multiplier"] == 0:
         return (f"noise off: the audit measured eps >= {lb:.2f} (ceiling {result['ceiling']:.2f}); "
                 + ("it detects the leak (above the claimed eps of the noised run)" if lb > claimed
@@ -31,7 +35,8 @@ def markdown(result: dict) -> str:
         f"| claimed eps (config target, delta={r['delta']:g}) | {r['claimed_epsilon']:g} |",
         f"| accountant eps of this run | {'inf (no noise)' if spent is None else f'{spent:.4f}'} |",
         f"| eps lower bound ({100 * r['confidence']:.0f}% confidence) | {r['epsilon_lower_bound']:.4f} |",
-        f"| ceiling for {g['top'] + g['bottom']} guesses | {r['ceiling']:.3f} |",
+        f"| ceiling for {g['top'] + g['bottom']} guesses (the most any guess count could show) | "
+        f"{r['ceiling']:.3f} ({r['max_ceiling']:.3f}) |",
         f"| right guesses | {g['right']} of {g['top']} top + {g['bottom']} bottom |",
         f"| canaries (included) | {r['canaries']} ({r['included']}) |",
         f"| real examples | {r['real_examples']} |",
@@ -76,7 +81,7 @@ def write_report(result: dict, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "scores.png"}
-    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["json"].write_text(json.dumps(result, indent=1, allow_nan=False))
     paths["markdown"].write_text(markdown(result))
     plot(result, paths["plot"])
     return paths

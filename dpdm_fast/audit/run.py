@@ -29,6 +29,7 @@ from .bound import best_bound
 from .canaries import AuditDataset, CanaryDenoiser, random_images
 
 MODES = ("gradient", "input")
+INCLUSION_STREAM = 0x1C1D   # SeedSequence key of the canaries' inclusion bits
 
 
 def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", noise_multiplier: float | None = None,
@@ -44,14 +45,17 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
         raise ValueError(f"--canaries {canaries}: an audit needs at least 4 canaries (1000 or more for a useful bound)")
     if noise_multiplier is not None and not noise_multiplier >= 0:
         raise ValueError(f"--noise-multiplier must be >= 0, got {noise_multiplier}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"--confidence must be in (0, 1), got {confidence}")
     dev = resolve_device(device)
     start = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
     real = build_dataset(cfg.data.name, cfg.data.path)
     if not 1 <= real_examples <= len(real):
         raise ValueError(f"--real-examples {real_examples}: the dataset has {len(real)}")
     real = Subset(real, range(real_examples))
-    included = torch.rand(canaries, generator=g) < 0.5
+    # the inclusion bits get a stream of their own: nothing else in the run (initialisation, sampling, noise)
+    # may be a function of them
+    included = torch.from_numpy(np.random.default_rng([seed, INCLUSION_STREAM]).random(canaries) < 0.5)
     shape = tuple(real[0][0].shape)
     images, labels = random_images(canaries, shape, cfg.data.n_classes, seed + 1)
     dataset = AuditDataset(real, images, labels, included)
@@ -68,7 +72,8 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
     model = (CanaryDenoiser(denoiser, canaries, plan.max_grad_norm) if mode == "gradient" else denoiser).to(dev)
     optimizer = _optimizer(cfg, model.parameters())
     loader = PoissonDataLoader(dataset, sample_rate=plan.sample_rate, steps=plan.steps_per_epoch,
-                               generator=torch.Generator().manual_seed(seed + 2))
+                               generator=None if dp.secure_mode else torch.Generator().manual_seed(seed + 2),
+                               secure_mode=dp.secure_mode)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
@@ -76,11 +81,18 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
         max_grad_norm=plan.max_grad_norm, noise_multiplicity=K, backend=dp.backend,
         noise_generator=None if dp.secure_mode else torch.Generator(device=dev).manual_seed(seed + 3))
+    # The update's divisor from the expected dataset size too: len(dataset) * q would reveal how many canaries
+    # are in (the engine treats the dataset size as public; here it is exactly what is being guessed).
+    optimizer.expected_batch_size = plan.expected_batch_size
     loss_fn = build_loss(**cfg.loss)
     loss_gen = torch.Generator(device=dev).manual_seed(seed + 4)
     labelled = bool(cfg.data.n_classes)
     physical = -(-dp.max_physical_batch_size // dp.n_splits)
 
+    # input canaries: score = how much training lowered each canary's loss (the same noise draws before and
+    # after), which removes most of the canary-to-canary spread of the loss itself
+    initial_scores = (_scores(mode, model, private, cfg, images, labels, score_draws, seed, dev)
+                      if mode == "input" else 0.0)
     steps = plan.budget_steps
     bar = tqdm(total=steps, disable=not progress, unit="step", desc=f"audit ({mode} canaries)")
     while engine.steps < steps:
@@ -104,7 +116,9 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
                         break
     bar.close()
 
-    scores = _scores(mode, model, private, cfg, images, labels, score_draws, seed, dev)
+    scores = _scores(mode, model, private, cfg, images, labels, score_draws, seed, dev) - initial_scores
+    if not np.isfinite(scores).all():
+        raise FloatingPointError("some canary scores are not finite (the training diverged?): no audit")
     bound = best_bound(scores, included.numpy(), dp.delta, confidence)
     with quiet_accountant():
         spent = engine.get_epsilon(dp.delta) if sigma > 0 else math.inf
@@ -112,7 +126,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
         "mode": mode, "canaries": canaries, "included": int(included.sum()), "real_examples": real_examples,
         "claimed_epsilon": float(dp.epsilon), "delta": float(dp.delta),
         "epsilon_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
-        "ceiling": bound.ceiling, "guesses": {"top": bound.guesses.plus, "bottom": bound.guesses.minus,
+        "ceiling": bound.ceiling, "max_ceiling": max(c["ceiling"] for c in bound.candidates), "guesses": {"top": bound.guesses.plus, "bottom": bound.guesses.minus,
                                               "right": bound.guesses.right},
         "candidates": bound.candidates, "significance_per_candidate": bound.significance,
         "noise_multiplier": sigma, "calibrated_noise_multiplier": plan.noise_multiplier,
@@ -129,7 +143,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
 
 @torch.no_grad()
 def _scores(mode, model, private, cfg, images, labels, draws, seed, dev) -> np.ndarray:
-    """Higher = more likely included."""
+    """Higher = more likely included (gradient: minus theta, which started at 0; input: minus the loss)."""
     if mode == "gradient":   # theta started at 0; an included canary pushed theta_j down
         return -model.canary.weight.detach().reshape(-1).cpu().double().numpy()
     loss_fn = build_loss(**{**cfg.loss, "n_noise_samples": draws, "label_unconditioning_prob": 0.0})
