@@ -17,6 +17,7 @@ setup(
         "torch>=2.2",
         "opacus>=1.6,<1.7",
         "numpy",
+        "scipy",          # (also an Opacus dependency) the audit's binomial tails, FID's matrix square root
         "triton; sys_platform == 'linux'",
         "ninja",
         "omegaconf>=2.3",
@@ -26,6 +27,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # optional: tests/test_audit.py then also checks the audit's bound against jax_privacy's
+        "audit-check": ["jax-privacy"],
     },
     entry_points={"console_scripts": ["dpdm-fast=dpdm_fast.cli:main"]},
 )
