@@ -20,11 +20,22 @@ import torch
 import torch.distributed as dist
 
 from .engines import C, LR, SIGMA, WORKLOADS, make_rows, row_losses
+from .measure import _sync
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _timed(device: torch.device, work) -> float:
+    """Wall seconds of ``work()``, synchronised with the device on both sides."""
+    _sync(device)
+    start = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _step(loss, module, optimizer, rows) -> None:
+    row_losses(loss, module, *rows).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
 
 
 def _engine(net, B: int, K: int, distributed: bool):
@@ -45,11 +56,7 @@ class _TimedAllReduce:
         replicas.all_reduce_sum = self
 
     def __call__(self, flat):
-        _sync(self.device)
-        start = time.perf_counter()
-        self.inner(flat)
-        _sync(self.device)
-        self.times.append(time.perf_counter() - start)
+        self.times.append(_timed(self.device, lambda: self.inner(flat)))
 
 
 def _rank(rank: int, world: int, port: int, out: str, workload: str, grid: list, repeats: int, threads: int,
@@ -77,30 +84,14 @@ def _rank(rank: int, world: int, port: int, out: str, workload: str, grid: list,
             pm_1, opt_1 = _engine(w.make_net().to(dev), B, K, distributed=False)
         flat = torch.zeros(pm_n.collector.layout.size, device=dev)
         t1, tn, alone = [], [], []
-        for round_ in range(repeats + 1):        # round 0 warms up
+        for _ in range(repeats + 1):        # round 0 warms up
             dist.barrier()
             if rank == 0:
-                _sync(dev)
-                start = time.perf_counter()
-                row_losses(loss, pm_1, *rows).mean().backward()
-                opt_1.step()
-                opt_1.zero_grad()
-                _sync(dev)
-                t1.append(time.perf_counter() - start)
+                t1.append(_timed(dev, lambda: _step(loss, pm_1, opt_1, rows)))
             dist.barrier()
-            _sync(dev)
-            start = time.perf_counter()
-            row_losses(loss, pm_n, *shard).mean().backward()
-            opt_n.step()
-            opt_n.zero_grad()
-            _sync(dev)
-            tn.append(time.perf_counter() - start)
+            tn.append(_timed(dev, lambda: _step(loss, pm_n, opt_n, shard)))
             dist.barrier()
-            _sync(dev)
-            start = time.perf_counter()
-            dist.all_reduce(flat)
-            _sync(dev)
-            alone.append(time.perf_counter() - start)
+            alone.append(_timed(dev, lambda: dist.all_reduce(flat)))
         step_n = torch.tensor(tn[1:], dtype=torch.float64, device=dev)   # (NCCL gathers CUDA tensors only)
         slowest = [torch.zeros_like(step_n) for _ in range(world)]
         dist.all_gather(slowest, step_n)

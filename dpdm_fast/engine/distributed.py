@@ -76,6 +76,15 @@ class Replicas:
         except (RuntimeError, dist.DistBackendError) as e:
             raise collective_failed(self.rank, "all-reduce of the clipped gradients", e) from e
 
+    def sum_values(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum of every rank's ``values`` (one small all-reduce)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self._device(device))
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        except (RuntimeError, dist.DistBackendError) as e:
+            raise collective_failed(self.rank, "end-of-step exchange", e) from e
+        return t.tolist()
+
     def gather(self, values: list[float], device: torch.device) -> torch.Tensor:
         """(world_size, len(values)) float64 table of every rank's ``values`` (on the CPU)."""
         mine = torch.tensor(values, dtype=torch.float64, device=self._device(device))
@@ -117,6 +126,11 @@ class Replicas:
                         t.copy_(staged)
         except (RuntimeError, dist.DistBackendError) as e:
             raise collective_failed(self.rank, "broadcast of rank 0's parameters", e) from e
+
+
+def exact_float(hexdigest: str) -> float:
+    """52 bits of a hex digest as a float that holds them exactly (for ``Replicas.agree``)."""
+    return float(int(hexdigest[:13], 16))
 
 
 def parameter_checksum(params) -> float:

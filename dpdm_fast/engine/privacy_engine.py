@@ -14,7 +14,7 @@ from opacus.validators import ModuleValidator
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .distributed import Replicas, dataset_fingerprint, is_replicated_run
+from .distributed import Replicas, dataset_fingerprint, exact_float, is_replicated_run
 from .optimizer import DPOptimizer
 from .poisson import make_poisson_loader, make_recording_loader
 from .private_module import PrivateModule
@@ -145,7 +145,7 @@ class PrivacyEngine:
                             "loss reduction is mean": loss_reduction == "mean", "secure_mode": self.secure_mode,
                             "accountant steps so far": self.steps,
                             "dataset (an order-sensitive hash: every rank must hold the same examples in the "
-                            "same order)": int(dataset_fingerprint(data_loader.dataset)[:13], 16),
+                            "same order)": exact_float(dataset_fingerprint(data_loader.dataset)),
                             "trainable parameters": private.collector.layout.size},
                            private.collector.layout_device, "make_private")
         dp_optimizer = DPOptimizer(optimizer, private.collector, noise_multiplier=noise_multiplier,

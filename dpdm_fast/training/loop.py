@@ -27,13 +27,14 @@ from ..config import to_plain
 from ..data import build_dataset
 from ..diffusion import build_loss
 from ..engine import BatchMemoryManager, autotune
+from ..engine.distributed import Replicas, exact_float
 from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
 from .ema import EMA
 from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
-from .ranks import Ranks, broadcast_from_main, gather_objects, hash_value, seed_for_rank, sum_over_ranks
+from .ranks import Ranks, backend_name, barrier, broadcast_from_main, gather_objects, seed_for_rank
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_NOISE_SEED = 12345   # snapshot grids start from the same noise at every snapshot (and in every run)
@@ -209,11 +210,11 @@ class Trainer:
         cfg, device, plan, ranks = self.cfg, self.device, self.plan, self.ranks
         seeds = self.seeds = _seeds(cfg.train.seed)
         self.fingerprint = data_fingerprint(self.dataset)
-        if ranks.distributed:
-            from ..engine.distributed import Replicas
-            Replicas.current().agree({"config": hash_value(_config_hash(self.config_tree)),
-                                      "training data (a hash of its images and labels)": hash_value(self.fingerprint)},
-                                     device, "the start of the run")
+        self.replicas = Replicas.current() if ranks.distributed else None
+        if self.replicas is not None:
+            self.replicas.agree({"config": exact_float(_config_hash(self.config_tree)),
+                                 "training data (a hash of its images and labels)": exact_float(self.fingerprint)},
+                                device, "the start of the run")
         torch.manual_seed(seeds["init"])   # (the engine broadcasts rank 0's initial weights anyway)
         self.model = build_model(cfg).to(device)
         self.network = self.model.model
@@ -365,8 +366,8 @@ class Trainer:
         if not self.ranks.distributed:
             return stats, interrupt.signal
         signal_name = interrupt.signal
-        totals = sum_over_ranks([stats.loss_sum, stats.examples, stats.norm_sum, stats.clipped,
-                                 signal_name == "SIGINT", signal_name == "SIGTERM"], self.device)
+        totals = self.replicas.sum_values([stats.loss_sum, stats.examples, stats.norm_sum, stats.clipped,
+                                           signal_name == "SIGINT", signal_name == "SIGTERM"], self.device)
         merged = StepStats()
         merged.add_batch(totals[0], int(totals[1]), totals[2], int(totals[3]))
         return merged, "SIGTERM" if totals[5] else "SIGINT" if totals[4] else None
@@ -382,7 +383,7 @@ class Trainer:
                   f"dp.n_splits {cfg.dp.n_splits}), device {self.device}"
                   + (", bf16 autocast" if self.amp else "") + (f"; resuming at step {self.step}" if self.step else ""))
         if self.ranks.distributed:
-            out.write(f"{self.ranks.world_size} processes ({dist_backend()}): each samples its shard of every Poisson "
+            out.write(f"{self.ranks.world_size} processes ({backend_name()}): each samples its shard of every Poisson "
                       "batch; the clipped sums are all-reduced and rank 0 adds the noise once (per-rank physical "
                       "batches as above)")
         if self.resume_note:
@@ -450,16 +451,6 @@ class Trainer:
               f"({plan.accountant} accountant), wall {wall():.0f} s, checkpoint {self.ckpt_path}"
               + ("" if finished else "; continue with --resume"))
         return result
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-    dist.barrier()
-
-
-def dist_backend() -> str:
-    import torch.distributed as dist
-    return str(dist.get_backend())
 
 
 def train(cfg: DictConfig, workdir: str | Path, **kwargs) -> TrainResult:

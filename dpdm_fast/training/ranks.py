@@ -119,21 +119,12 @@ def seed_for_rank(seed: int, rank: int, *context: int) -> int:
     return int(np.random.SeedSequence([seed, rank, *context]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def hash_value(text: str) -> float:
-    """52 bits of a hex digest as an exact float (for ``Replicas.agree``)."""
-    return float(int(text[:13], 16))
+def barrier() -> None:
+    dist.barrier()
 
 
-def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of every rank's ``values`` (one small all-reduce)."""
-    from ..engine.distributed import collective_failed
-    backend = dist.get_backend()
-    t = torch.tensor(values, dtype=torch.float64, device=device if backend == "nccl" else "cpu")
-    try:
-        dist.all_reduce(t)
-    except (RuntimeError, dist.DistBackendError) as e:
-        raise collective_failed(dist.get_rank(), "end-of-step exchange", e) from e
-    return t.tolist()
+def backend_name() -> str:
+    return str(dist.get_backend())
 
 
 def gather_objects(obj) -> list:
