@@ -17,14 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import hashlib
-import random
-
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import Subset, TensorDataset
 
 CHECK_EVERY = 10   # steps between parameter checksums (the first step is always checked)
 
@@ -145,68 +140,6 @@ def parameter_checksum(params) -> float:
     if not sums:
         return 0.0
     return float(int(torch.stack(sums).sum().item()) % (1 << 52))   # one device sync
-
-
-def dataset_fingerprint(dataset, samples: int = 16) -> str:
-    """An order-sensitive hash of a map-style dataset, for the ranks to compare: ranks shard by position,
-    so an example at different positions on two ranks could join one batch twice (twice the sensitivity).
-
-    Exact where the dataset exposes its examples (``Subset`` indices, ``TensorDataset`` tensors,
-    ``.data`` / ``.targets`` arrays); otherwise ``samples`` items at fixed positions, read with torch's,
-    numpy's and Python's generators seeded alike on every rank (so random transforms agree)."""
-    digest = hashlib.sha256(f"{len(dataset)}".encode())
-    _hash_dataset(digest, dataset, samples)
-    return digest.hexdigest()
-
-
-def _hash_dataset(digest, dataset, samples: int) -> None:
-    if isinstance(dataset, Subset):
-        digest.update(b"subset" + np.asarray(dataset.indices, dtype=np.int64).tobytes())
-        _hash_dataset(digest, dataset.dataset, samples)
-        return
-    if isinstance(dataset, TensorDataset):
-        for t in dataset.tensors:
-            _hash_item(digest, t)
-        return
-    arrays = [getattr(dataset, name, None) for name in ("data", "targets")]
-    if any(isinstance(a, (torch.Tensor, np.ndarray)) for a in arrays):
-        for a in arrays:
-            if a is not None:
-                _hash_item(digest, a)
-        return
-    positions = sorted(np.random.default_rng(0).choice(len(dataset), size=min(samples, len(dataset)),
-                                                       replace=False).tolist())
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            random.seed(0)
-            np.random.seed(0)
-            for i in positions:
-                digest.update(f"item {i}".encode())
-                _hash_item(digest, dataset[i])
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-def _hash_item(digest, item) -> None:
-    if isinstance(item, torch.Tensor):
-        digest.update(str((item.dtype, tuple(item.shape))).encode())
-        digest.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(item, np.ndarray):
-        digest.update(str((item.dtype, item.shape)).encode() + np.ascontiguousarray(item).tobytes())
-    elif isinstance(item, (tuple, list)):
-        for x in item:
-            _hash_item(digest, x)
-    elif isinstance(item, dict):
-        for key in sorted(item, key=str):
-            digest.update(str(key).encode())
-            _hash_item(digest, item[key])
-    elif hasattr(item, "tobytes"):   # PIL images
-        digest.update(item.tobytes())
-    else:
-        digest.update(repr(item).encode())
 
 
 def is_replicated_run() -> bool:
