@@ -12,22 +12,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Show the resolved config, the network size and the DP noise it implies."""
     from omegaconf import OmegaConf
 
-    from .config import load_config
+    from .config import load_config, validate_counts
     from .models import build_network
 
     cfg = load_config(args.config, args.overrides)
     print(OmegaConf.to_yaml(cfg))
     net = build_network(cfg.model.network)
     print(f"network: NCSNpp, {sum(p.numel() for p in net.parameters()):,} parameters")
-    n = KNOWN_DATASET_SIZES.get(cfg.data.name)
+    validate_counts(cfg)
+    public = cfg.data.public_size
+    n = public if public is not None else KNOWN_DATASET_SIZES.get(cfg.data.name)
     if n is None:
-        print("dataset size unknown: noise multiplier not computed")
+        print("dataset size unknown (set data.public_size): noise multiplier not computed")
         return 0
     from .training import plan_privacy
 
     plan = plan_privacy(n_examples=n, batch_size=cfg.train.batch_size, n_epochs=cfg.train.n_epochs,
                         epsilon=cfg.dp.epsilon, delta=cfg.dp.delta, max_grad_norm=cfg.dp.max_grad_norm,
-                        accountant=cfg.dp.accountant)
+                        accountant=cfg.dp.accountant, size_is_public=public is not None)
     print(plan.describe())
     return 0
 

@@ -29,6 +29,29 @@ from .bound import best_bound
 from .canaries import AuditDataset, CanaryDenoiser, random_images
 
 MODES = ("gradient", "input")
+
+# What each mode's run puts to the test, and what it leaves out (report.json's "scope"; said in report.md).
+_COMMON = ["Poisson sampling at the plan's rate (PoissonDataLoader, with empty batches)",
+           "the per-example clip over all parameters, the clipped sum and the Gaussian noise of the configured backend",
+           "the update's divisor from the public expected batch size", "BatchMemoryManager's physical batches",
+           "the accountant's sigma calibration (the claim)"]
+_NEVER = ["the Trainer: EMA, checkpoints, resume (a repeated noise or Poisson draw after a resume would not be seen)",
+          "the other backends than the one named", "multi-process (distributed) training"]
+SCOPE = {
+    "gradient": {
+        "exercised": ["the canary parameter vector's path through the engine's rule for a bias-free Linear layer "
+                      "(each canary's gradient is a one-hot direction in it)", *_COMMON],
+        "not_exercised": ["the network's own layer rules (Conv2d, GroupNorm, attention, ...): the canaries' gradients "
+                          "never touch them, so a bug that left those gradients unclipped would not be seen",
+                          "the loss's K-row layout for the canaries (their loss is the canary term only)", *_NEVER],
+    },
+    "input": {
+        "exercised": ["the whole network and its layer rules, and the loss with K noise samples per example, for "
+                      "image canaries", *_COMMON],
+        "not_exercised": ["worst-case gradients: input canaries are scored by their loss only (black-box, weak: "
+                          "a leak can go unseen)", *_NEVER],
+    },
+}
 INCLUSION_STREAM = 0x1C1D   # SeedSequence key of the canaries' inclusion bits
 
 
@@ -64,7 +87,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
     # The rate is fixed before the canaries are drawn (from the expected dataset size), so it is public.
     plan = plan_privacy(n_examples=real_examples + canaries // 2, batch_size=cfg.train.batch_size,
                         n_epochs=cfg.train.n_epochs, epsilon=dp.epsilon, delta=dp.delta,
-                        max_grad_norm=dp.max_grad_norm, accountant=dp.accountant)
+                        max_grad_norm=dp.max_grad_norm, accountant=dp.accountant, size_is_public=True)
     sigma = plan.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
 
     torch.manual_seed(seed)
@@ -80,10 +103,9 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
     private, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
         max_grad_norm=plan.max_grad_norm, noise_multiplicity=K, backend=dp.backend,
-        noise_generator=None if dp.secure_mode else torch.Generator(device=dev).manual_seed(seed + 3))
-    # The update's divisor from the expected dataset size too: len(dataset) * q would reveal how many canaries
-    # are in (the engine treats the dataset size as public; here it is exactly what is being guessed).
-    optimizer.expected_batch_size = plan.expected_batch_size
+        noise_generator=None if dp.secure_mode else torch.Generator(device=dev).manual_seed(seed + 3),
+        # the divisor from the expected dataset size too: len(dataset) * q would reveal how many canaries are in
+        public_dataset_size=plan.n_examples)
     loss_fn = build_loss(**cfg.loss)
     loss_gen = torch.Generator(device=dev).manual_seed(seed + 4)
     labelled = bool(cfg.data.n_classes)
@@ -137,7 +159,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
                    "batch_size": cfg.train.batch_size,
                    "n_epochs": cfg.train.n_epochs, "accountant": dp.accountant},
         "scores": [float(s) for s in scores], "included_mask": [bool(b) for b in included],
-        "seed": seed, "wall_s": time.perf_counter() - start,
+        "seed": seed, "wall_s": time.perf_counter() - start, "scope": SCOPE[mode],
     }
 
 

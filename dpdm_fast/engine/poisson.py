@@ -17,6 +17,8 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
                               SequentialSampler, Subset, SubsetRandomSampler)
 from torch.utils.data.dataloader import default_collate
 
+from .mechanism import batches_per_epoch
+
 
 class PoissonBatchSampler(Sampler[List[int]]):
     """``steps`` batches, each example in each batch independently with probability ``sample_rate``.
@@ -121,6 +123,7 @@ class PoissonDataLoader(_Ledger, DPDataLoader):
             raise NotImplementedError("rand_on_empty=True and batch_first=False are not supported")
         shard = shard or (0, 1)
         self.distributed = shard[1] > 1
+        self.requested_batch_size: int | None = None   # the plain loader's batch_size, when made from one
         self.drawn: list[int] = []
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode, shard)
         first = dataset[0]
@@ -212,11 +215,14 @@ def _base_dataset(data_loader: DataLoader, poisson: bool = True):
                      "with shuffle=True")
 
 
-def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False,
-                        shard: tuple[int, int] = (0, 1)) -> PoissonDataLoader:
+def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False, shard: tuple[int, int] = (0, 1),
+                        public_dataset_size: int | None = None) -> PoissonDataLoader:
     """A Poisson loader over the same examples, with q = 1 / (batches per epoch of ``data_loader``);
-    with ``shard=(rank, world_size)``, this rank's part of every batch (the rate and so the global
-    expected batch do not depend on the number of ranks)."""
+    with ``public_dataset_size=N``, q = 1 / ceil(N / batch_size) from that public number instead of
+    the realised size (which q would otherwise reveal). With ``shard=(rank, world_size)``, this rank's
+    part of every batch (the rate and so the global expected batch do not depend on the number of
+    ranks). The loader records the requested ``batch_size`` (a public number, the update's divisor
+    when no public dataset size is given)."""
     if isinstance(data_loader, PoissonDataLoader):
         if secure_mode and not data_loader.batch_sampler.secure_mode:
             raise ValueError("secure_mode=True but the data loader is a Poisson loader made without it: pass the "
@@ -231,15 +237,19 @@ def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False,
     if isinstance(data_loader, DPDataLoader):
         raise ValueError("pass the plain DataLoader: it is converted to a Poisson loader here")
     dataset = _base_dataset(data_loader)
-    steps = -(-len(dataset) // data_loader.batch_size)  # batches per epoch of the plain loader over these examples
+    # batches per epoch of the plain loader over these examples (or over the public number of them)
+    steps = batches_per_epoch(len(dataset) if public_dataset_size is None else public_dataset_size,
+                              data_loader.batch_size)
     if steps == 0:
         raise ValueError("the data loader yields no batches (empty dataset?)")
     kwargs = _loader_options(data_loader)
     generator = kwargs.pop("generator")
     if secure_mode:
         generator = None   # the sampler makes its own and re-seeds it from the OS every batch
-    return PoissonDataLoader(dataset, sample_rate=1 / steps, steps=steps, collate_fn=data_loader.collate_fn,
-                             generator=generator, secure_mode=secure_mode, shard=shard, **kwargs)
+    loader = PoissonDataLoader(dataset, sample_rate=1 / steps, steps=steps, collate_fn=data_loader.collate_fn,
+                               generator=generator, secure_mode=secure_mode, shard=shard, **kwargs)
+    loader.requested_batch_size = data_loader.batch_size
+    return loader
 
 
 def make_recording_loader(data_loader: DataLoader) -> RecordingDataLoader:

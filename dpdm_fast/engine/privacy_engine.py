@@ -14,8 +14,10 @@ from opacus.validators import ModuleValidator
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from .distributed import Replicas, dataset_fingerprint, exact_float, is_replicated_run
+from .dataset_hash import dataset_fingerprint
+from .distributed import Replicas, exact_float, is_replicated_run
 from .optimizer import DPOptimizer
+from .mechanism import CALIBRATING_ACCOUNTANTS, batches_per_epoch, normaliser
 from .poisson import make_poisson_loader, make_recording_loader
 from .private_module import PrivateModule
 from .validate import compatibility_errors, validate_module
@@ -73,7 +75,7 @@ class PrivacyEngine:
                      noise_multiplicity: int = 1, backend: str = "auto", strict: bool = False,
                      clipping: str = "flat", batch_first: bool = True, grad_sample_mode: str | None = None,
                      wrap_model: bool = True, rand_on_empty: bool = False, criterion: Any = None,
-                     distributed: bool | None = None, **kwargs):
+                     distributed: bool | None = None, public_dataset_size: int | None = None, **kwargs):
         """Returns (private module, DP optimizer, data loader), like Opacus.
 
         After ``loss.backward()`` on the mean (or sum) loss over B*K group-major rows, ``step()``
@@ -92,6 +94,12 @@ class PrivacyEngine:
         ranks), one all-reduce per step sums the clipped gradients, rank 0 adds the noise, and every
         rank's accountant records the same steps. Inside a job of several processes the choice must
         be explicit: ``distributed=False`` trains a separate model on each rank (each its own guarantee).
+
+        ``public_dataset_size=N`` fixes the mechanism from a public number: q = 1 / ceil(N / batch_size)
+        (so the number of steps per epoch too) and the divisor N q. Without it, q and the steps come
+        from the realised dataset size, as in Opacus, which is then treated as public (under add/remove
+        neighbours q reveals it); the divisor is the loader's ``batch_size`` either way, never the
+        realised N q (Opacus's divisor, which reveals N through the scale of the noise).
         """
         if kwargs:
             raise TypeError(f"make_private got unsupported arguments {sorted(kwargs)}")
@@ -118,8 +126,11 @@ class PrivacyEngine:
         if rand_on_empty:
             raise NotImplementedError("rand_on_empty=True replaces an empty batch by a random example, which the "
                                       "per-step batch check rightly refuses: empty batches are handled as they are")
+        _check_public_size(public_dataset_size)
         if poisson_sampling:
-            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, shard=_shard(replicas))
+            requested = getattr(data_loader, "requested_batch_size", None) or data_loader.batch_size
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, shard=_shard(replicas),
+                                              public_dataset_size=public_dataset_size)
             sample_rate = data_loader.sample_rate     # exactly the rate the sampler uses
         else:
             if replicas is not None:
@@ -127,21 +138,24 @@ class PrivacyEngine:
                                  "one Poisson batch")
             warnings.warn("poisson_sampling=False: the accountant's guarantee assumes Poisson sampling and "
                           "does not strictly hold for shuffled fixed-size batches", stacklevel=2)
+            requested = getattr(data_loader, "batch_size", None)
             data_loader = make_recording_loader(data_loader)
-            sample_rate = 1 / len(data_loader)
+            sample_rate = 1 / (len(data_loader) if public_dataset_size is None
+                               else batches_per_epoch(public_dataset_size, data_loader.batch_size))
         if self.dataset is not None and self.dataset is not data_loader.dataset:
             warnings.warn("PrivacyEngine got a new dataset: accounting is per dataset; use a new PrivacyEngine "
                           "for a different dataset", stacklevel=2)
         self.dataset = data_loader.dataset
-        expected_batch_size = int(round(len(data_loader.dataset) * sample_rate, 6))
+        expected_batch_size = _divisor(requested, public_dataset_size, sample_rate, len(data_loader.dataset))
         if expected_batch_size < 1:
-            raise ValueError(f"expected batch size {len(data_loader.dataset)} x {sample_rate:g} < 1: use a larger batch")
+            raise ValueError(f"expected batch size {expected_batch_size} < 1 (q={sample_rate:g}): use a larger batch")
 
         if replicas is not None:
             replicas.broadcast_module(module)   # every replica starts from rank 0's parameters
             replicas.agree({"noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
                             "noise multiplicity K": noise_multiplicity, "sample rate": sample_rate,
                             "dataset size": len(data_loader.dataset), "expected batch size": expected_batch_size,
+                            "public dataset size": -1 if public_dataset_size is None else public_dataset_size,
                             "loss reduction is mean": loss_reduction == "mean", "secure_mode": self.secure_mode,
                             "accountant steps so far": self.steps,
                             "dataset (an order-sensitive hash: every rank must hold the same examples in the "
@@ -166,12 +180,23 @@ class PrivacyEngine:
         """Like ``make_private``, with the noise multiplier that reaches ``target_epsilon`` after
         ``epochs`` epochs, found by Opacus's search for this engine's accountant at exactly the
         sample rate the returned loader uses."""
+        public_size = kwargs.get("public_dataset_size")
+        _check_public_size(public_size)
         if poisson_sampling:
             _, replicas = _replicas_for(module, kwargs.get("distributed"))
-            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, shard=_shard(replicas))
+            requested = getattr(data_loader, "requested_batch_size", None) or data_loader.batch_size
+            data_loader = make_poisson_loader(data_loader, secure_mode=self.secure_mode, shard=_shard(replicas),
+                                              public_dataset_size=public_size)
+            data_loader.requested_batch_size = requested
             sample_rate = data_loader.sample_rate
         else:
-            sample_rate = 1 / len(data_loader)
+            sample_rate = 1 / (len(data_loader) if public_size is None
+                               else batches_per_epoch(public_size, data_loader.batch_size))
+        if self.accountant.mechanism() not in CALIBRATING_ACCOUNTANTS:
+            raise ValueError(f"make_private_with_epsilon with the {self.accountant.mechanism()!r} accountant: its eps "
+                             "is an approximation (Opacus's GDP accountant is a central-limit approximation), not an "
+                             "upper bound, so it cannot calibrate the noise; use PrivacyEngine(accountant='rdp') or "
+                             "'prv' (GDP may still report an approximate eps beside them)")
         if len(self.accountant) > 0:
             warnings.warn("make_private_with_epsilon with privacy budget already spent: the noise multiplier "
                           "assumes a zero starting point, so the total epsilon will be higher", stacklevel=2)
@@ -274,6 +299,22 @@ def _replicas_for(module: nn.Module, distributed: bool | None) -> tuple[nn.Modul
                              "guarantee; releasing several composes them)")
         distributed = False
     return module, (Replicas.current() if distributed else None)
+
+
+def _check_public_size(public_dataset_size) -> None:
+    if public_dataset_size is not None and (isinstance(public_dataset_size, bool) or
+                                            not isinstance(public_dataset_size, int) or public_dataset_size < 1):
+        raise ValueError(f"public_dataset_size must be a positive int (a public bound or estimate of the dataset's "
+                         f"size), got {public_dataset_size!r}")
+
+
+def _divisor(requested_batch_size: int | None, public_dataset_size: int | None, sample_rate: float,
+             realised_size: int) -> float:
+    """The update's divisor from public numbers (see ``make_private``). A Poisson loader built by the user
+    (no requested batch size) and no public size: Opacus's N q, the dataset size being treated as public."""
+    if public_dataset_size is not None or requested_batch_size is not None:
+        return normaliser(requested_batch_size or 0, public_dataset_size, sample_rate)
+    return normaliser(0, realised_size, sample_rate)
 
 
 def _shard(replicas: Replicas | None) -> tuple[int, int]:

@@ -10,6 +10,8 @@ import opacus
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from ..engine.mechanism import CALIBRATING_ACCOUNTANTS, batches_per_epoch, normaliser
+
 
 @dataclass(frozen=True)
 class PrivacyPlan:
@@ -19,6 +21,12 @@ class PrivacyPlan:
     ``noise_multiplier`` is calibrated so that ``total_steps`` steps at that rate spend at most
     ``target_epsilon`` at ``delta``; ``budget_steps`` is the last step count within the target (the
     run never takes a step beyond it, even if the schedule were longer).
+
+    ``n_examples`` is the public dataset size (``data.public_size``) when ``size_is_public``; else it
+    is the realised size of the private dataset, then treated as public (as Opacus does): under
+    add/remove neighbours that reveals it, through q and the number of steps. ``divisor`` is what the
+    clipped, noised sum is divided by: the public expected batch size (N_public q), or the configured
+    batch size when no public size is given; never the realised N q.
     """
 
     n_examples: int
@@ -32,19 +40,29 @@ class PrivacyPlan:
     delta: float
     accountant: str
     budget_steps: int
+    size_is_public: bool = False
 
     @property
     def expected_batch_size(self) -> float:
         return self.n_examples * self.sample_rate
 
+    @property
+    def divisor(self) -> float:
+        """The update's normaliser, as the engine computes it from public numbers."""
+        return normaliser(self.batch_size, self.n_examples if self.size_is_public else None, self.sample_rate)
+
     def epsilon_after(self, steps: int) -> float:
         return epsilon_after(self.accountant, self.noise_multiplier, self.sample_rate, steps, self.delta)
 
     def describe(self) -> str:
+        size = (f"N={self.n_examples}, public (data.public_size)" if self.size_is_public else
+                f"N={self.n_examples}, the realised size of the training set, TREATED AS PUBLIC: q and the number "
+                "of steps reveal it; set data.public_size to fix them from a public number")
         return (f"DP target eps={self.target_epsilon:g} at delta={self.delta:g}: Poisson sampling at q=1/{self.steps_per_epoch} "
-                f"(expected batch {self.expected_batch_size:.1f} of N={self.n_examples}), {self.total_steps} steps "
-                f"({self.total_steps // self.steps_per_epoch} epochs), clip C={self.max_grad_norm:g}, noise multiplier "
-                f"sigma={self.noise_multiplier:.4f} from Opacus {opacus.__version__}'s {self.accountant.upper()} accountant")
+                f"(expected batch {self.expected_batch_size:.1f} of {size}), {self.total_steps} steps "
+                f"({self.total_steps // self.steps_per_epoch} epochs), update divided by {self.divisor:g}, clip "
+                f"C={self.max_grad_norm:g}, noise multiplier sigma={self.noise_multiplier:.4f} from Opacus "
+                f"{opacus.__version__}'s {self.accountant.upper()} accountant")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,10 +88,11 @@ def quiet_accountant():
 
 
 def plan_privacy(*, n_examples: int, batch_size: int, n_epochs: int, epsilon: float, delta: float,
-                 max_grad_norm: float, accountant: str) -> PrivacyPlan:
-    """Check the privacy target and calibrate sigma for it; every impossible target is a clear error."""
+                 max_grad_norm: float, accountant: str, size_is_public: bool = False) -> PrivacyPlan:
+    """Check the privacy target and calibrate sigma for it; every impossible target is a clear error.
+    ``n_examples``: the public dataset size (``size_is_public=True``) or the realised one."""
     if n_examples < 1:
-        raise ValueError("the training set is empty")
+        raise ValueError("data.public_size must be >= 1" if size_is_public else "the training set is empty")
     if not (math.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"dp.epsilon must be a finite number > 0, got {epsilon}")
     if not 0 < delta < 1 / n_examples:
@@ -83,9 +102,13 @@ def plan_privacy(*, n_examples: int, batch_size: int, n_epochs: int, epsilon: fl
         raise ValueError(f"dp.max_grad_norm must be > 0, got {max_grad_norm}")
     if batch_size < 1 or n_epochs < 1:
         raise ValueError(f"train.batch_size and train.n_epochs must be >= 1, got {batch_size}, {n_epochs}")
-    if accountant not in ("rdp", "prv", "gdp"):
-        raise ValueError(f"dp.accountant must be rdp, prv or gdp, got {accountant!r}")
-    steps_per_epoch = -(-n_examples // batch_size)
+    if accountant == "gdp":
+        raise ValueError("dp.accountant=gdp: Opacus's GDP accountant is a central-limit approximation whose eps is "
+                         "not an upper bound (it can be below the true eps of the mechanism), so it cannot calibrate "
+                         "the noise or decide when to stop: use dp.accountant=rdp or prv")
+    if accountant not in CALIBRATING_ACCOUNTANTS:
+        raise ValueError(f"dp.accountant must be rdp or prv, got {accountant!r}")
+    steps_per_epoch = batches_per_epoch(n_examples, batch_size)
     total = steps_per_epoch * n_epochs
     q = 1 / steps_per_epoch
     try:
@@ -110,4 +133,5 @@ def plan_privacy(*, n_examples: int, batch_size: int, n_epochs: int, epsilon: fl
         budget = lo
     return PrivacyPlan(n_examples=n_examples, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                        total_steps=total, sample_rate=q, noise_multiplier=float(sigma), max_grad_norm=max_grad_norm,
-                       target_epsilon=epsilon, delta=delta, accountant=accountant, budget_steps=budget)
+                       target_epsilon=epsilon, delta=delta, accountant=accountant, budget_steps=budget,
+                       size_is_public=size_is_public)
