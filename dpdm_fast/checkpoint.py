@@ -18,11 +18,12 @@ import torch
 FORMAT = "dpdm_fast.train/1"
 
 # Config keys that may change between a run and its resumption: where things are written and how
-# often, how samples are drawn, how data is read, how the engine computes the same update (memory,
-# backend, path choice: the same mathematics, so only rounding can differ). Everything else decides the trained model or its
-# privacy, and must match.
+# often, how samples are drawn, how data is read, how the engine computes the same update (backend,
+# path choice: the same mathematics, so only rounding can differ). Everything else decides the trained
+# model or its privacy, and must match; physical batching (dp.max_physical_batch_size, dp.n_splits)
+# too, because the loss draws its label dropout, noise levels and diffusion noise per physical batch.
 RESUMABLE_CHANGES = ("setup.", "sampler.", "data.path", "data.dataloader_params", "data.fid_stats",
-                     "dp.backend", "dp.autotune", "dp.max_physical_batch_size", "dp.n_splits",
+                     "dp.backend", "dp.autotune",
                      "train.log_freq", "train.snapshot_freq", "train.snapshot_threshold", "train.save_freq",
                      "train.save_threshold", "train.fid_freq", "train.fid_samples", "train.fid_threshold")
 

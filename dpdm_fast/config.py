@@ -35,6 +35,10 @@ class DataLoaderParams:
 class DataConfig:
     path: Optional[str] = None
     name: str = "mnist_28"
+    # A public number of training examples (e.g. the published dataset's size): the sample rate, the number
+    # of steps and the update's divisor are then computed from it, not from the realised (private) size.
+    # null: the realised size is used and treated as public (as Opacus does).
+    public_size: Optional[int] = None
     num_channels: int = 1
     resolution: int = 28
     n_classes: Optional[int] = 10
@@ -213,6 +217,37 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
     return cfg
+
+
+# Every count and frequency of a config, with the smallest value it may take (checked before anything runs).
+_COUNTS = {
+    "data.public_size": 1, "data.n_classes": 0, "data.num_channels": 1, "data.resolution": 1,
+    "data.dataloader_params.num_workers": 0,
+    "model.network.nf": 1, "model.network.num_res_blocks": 1, "model.network.image_size": 1,
+    "sampler.num_steps": 2, "sampler.snapshot_batch_size": 1, "sampler.fid_batch_size": 1,
+    "train.seed": 0, "train.batch_size": 1, "train.n_epochs": 1, "train.log_freq": 1, "train.snapshot_freq": 1,
+    "train.snapshot_threshold": 0, "train.save_freq": 1, "train.save_threshold": 0, "train.fid_freq": 1,
+    "train.fid_samples": 1, "train.fid_threshold": 0,
+    "loss.n_noise_samples": 1, "dp.max_physical_batch_size": 1, "dp.n_splits": 1,
+}
+
+
+def validate_counts(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` naming every count or frequency below its minimum (a zero frequency would
+    otherwise stop a run with a bare ZeroDivisionError after its first private step), and an EMA rate
+    outside [0, 1)."""
+    problems = []
+    for key, minimum in _COUNTS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None and key in ("data.public_size", "data.n_classes"):
+            continue   # optional
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            problems.append(f"{key}={value!r} (must be an integer >= {minimum})")
+    ema = OmegaConf.select(cfg, "model.ema_rate")
+    if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
+        problems.append(f"model.ema_rate={ema!r} (must be in [0, 1))")
+    if problems:
+        raise ConfigError("invalid config values: " + "; ".join(problems))
 
 
 def config_from_dict(tree: dict, origin: str = "checkpoint") -> DictConfig:

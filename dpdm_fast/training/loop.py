@@ -5,6 +5,11 @@ the first step (sigma calibrated for the whole schedule), every step is a Poisso
 physical batches of whole examples, and the latest checkpoint always sits at
 ``WORKDIR/checkpoint.pt``. A resumed run continues exactly: the Poisson sampler's, the loss's and
 the noise's generators, the accountant's ledger and the engine's autotune choices are all restored.
+
+Every step is released at most once: a checkpoint is written at every step whose output (a sample
+grid, a numbered checkpoint) is released, before that output, so a resume never re-draws a released
+step (in secure mode a re-drawn step would get fresh noise: two releases of one step, counted once).
+What depends on the private data without noise goes to ``WORKDIR/private/`` (see ``private_files``).
 """
 from __future__ import annotations
 
@@ -23,17 +28,19 @@ from torch.utils.data import DataLoader
 
 import dpdm_fast
 
-from ..config import to_plain
+from ..config import to_plain, validate_counts
 from ..data import build_dataset
 from ..diffusion import build_loss
 from ..engine import BatchMemoryManager, autotune
-from ..engine.distributed import Replicas, exact_float
+from ..engine.dataset_hash import dataset_fingerprint
+from ..engine.distributed import ReplicaError, Replicas, exact_float
 from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
 from .ema import EMA
 from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
+from .private_files import MissingDataKey, data_check, data_key
 from .ranks import Ranks, backend_name, barrier, broadcast_from_main, gather_objects, seed_for_rank
 
 CHECKPOINT = "checkpoint.pt"
@@ -106,9 +113,9 @@ def _check_writable(workdir: Path) -> None:
                                    "--workdir or fix its permissions") from None
 
 
-def data_fingerprint(dataset) -> str:
-    """A hash of the training examples (images and labels when the dataset holds them as arrays), so that a
-    run is not resumed on other data that happens to sit at the same path with the same size."""
+def legacy_data_fingerprint(dataset) -> str:
+    """The unkeyed hash that checkpoints of dpdm_fast <= 0.1 hold (``data_fingerprint``; it identifies the
+    data to anyone holding candidate datasets: such checkpoints should not be shared). Read to resume them."""
     digest = hashlib.sha256(str(len(dataset)).encode())
     for name in ("data", "targets"):
         array = getattr(dataset, name, None)
@@ -143,6 +150,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, workdir: str | Path, *, resume: bool = False, max_steps: int | None = None,
                  amp: bool = False, device: str | None = None, progress: bool = True):
+        validate_counts(cfg)   # before anything touches the data: a bad frequency must not fail after a step
         self.cfg, self.workdir = cfg, Path(workdir)
         self.device = resolve_device(device)
         self.amp, self.progress, self.max_steps = amp, progress, max_steps
@@ -154,13 +162,12 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.name, cfg.data.path) if cfg.data.path else None
         if self.dataset is None:
             raise ValueError("data.path is not set: point it at the dataset folder (e.g. data.path=../shared/data/mnist)")
-        dp = cfg.dp
-        self.plan: PrivacyPlan = plan_privacy(n_examples=len(self.dataset), batch_size=cfg.train.batch_size,
-                                              n_epochs=cfg.train.n_epochs, epsilon=dp.epsilon, delta=dp.delta,
-                                              max_grad_norm=dp.max_grad_norm, accountant=dp.accountant)
-        if dp.n_splits < 1 or dp.max_physical_batch_size < 1:
-            raise ValueError(f"dp.n_splits and dp.max_physical_batch_size must be >= 1, got {dp.n_splits}, "
-                             f"{dp.max_physical_batch_size}")
+        dp, public_size = cfg.dp, cfg.data.public_size
+        # With data.public_size, nothing of the mechanism (q, steps, divisor) nor of the logs depends on len(dataset).
+        self.plan: PrivacyPlan = plan_privacy(n_examples=len(self.dataset) if public_size is None else public_size,
+                                              batch_size=cfg.train.batch_size, n_epochs=cfg.train.n_epochs,
+                                              epsilon=dp.epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
+                                              accountant=dp.accountant, size_is_public=public_size is not None)
         # DPDM's n_splits: each physical batch runs as n_splits forward/backward passes of whole examples
         self.physical_batch_size = -(-dp.max_physical_batch_size // dp.n_splits)
         if max_steps is not None and not 1 <= max_steps <= self.plan.total_steps:
@@ -209,12 +216,22 @@ class Trainer:
 
         cfg, device, plan, ranks = self.cfg, self.device, self.plan, self.ranks
         seeds = self.seeds = _seeds(cfg.train.seed)
-        self.fingerprint = data_fingerprint(self.dataset)
+        # rank 0 holds the workdir: the data check (keyed, for checkpoints) and the resume's verdict on the data
+        self.data_check = None
+        problem = self._check_data(saved) if ranks.is_main else None
         self.replicas = Replicas.current() if ranks.distributed else None
         if self.replicas is not None:
-            self.replicas.agree({"config": exact_float(_config_hash(self.config_tree)),
-                                 "training data (a hash of its images and labels)": exact_float(self.fingerprint)},
-                                device, "the start of the run")
+            try:   # the ranks' own comparison of their data (exchanged between them, never written)
+                self.replicas.agree({"ok": float(problem is None),
+                                     "config": exact_float(_config_hash(self.config_tree)),
+                                     "training data (a hash of its images and labels)":
+                                         exact_float(dataset_fingerprint(self.dataset))},
+                                    device, "the start of the run")
+            except ReplicaError:
+                if problem is None:
+                    raise
+        if problem is not None:
+            raise ckpt.CheckpointError(problem)
         torch.manual_seed(seeds["init"])   # (the engine broadcasts rank 0's initial weights anyway)
         self.model = build_model(cfg).to(device)
         self.network = self.model.model
@@ -238,14 +255,37 @@ class Trainer:
         self.private, self.optimizer, self.loader = self.engine.make_private(
             module=self.model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, noise_multiplicity=cfg.loss.n_noise_samples,
-            noise_generator=self.noise_gen, backend=cfg.dp.backend, distributed=ranks.distributed)
+            noise_generator=self.noise_gen, backend=cfg.dp.backend, distributed=ranks.distributed,
+            public_dataset_size=cfg.data.public_size)
         if self.loader.sample_rate != plan.sample_rate:   # the accountant is told exactly the sampler's rate
             raise RuntimeError(f"internal: loader samples at {self.loader.sample_rate}, plan says {plan.sample_rate}")
+        if self.optimizer.expected_batch_size != plan.divisor:
+            raise RuntimeError(f"internal: the engine divides by {self.optimizer.expected_batch_size}, the plan "
+                               f"says {plan.divisor}")
         self.ema = EMA(self.network, cfg.model.ema_rate)
         self.resume_note = None
         self.step, self.wall_before = 0, 0.0
         if saved is not None:
             self._restore(saved)
+
+    def _check_data(self, saved: dict | None) -> str | None:
+        """Rank 0: the keyed data check for checkpoints (a new run makes the key), and on resume whether the
+        data is the run's (a reason to refuse, or None)."""
+        try:
+            self.data_check = data_check(self.dataset, data_key(self.workdir, create=saved is None))
+        except MissingDataKey as e:
+            return str(e)
+        if saved is None:
+            return None
+        if "data_check" in saved:
+            same = saved["data_check"] == self.data_check
+        else:   # a checkpoint of an older version: its unkeyed hash (the new checkpoints drop it)
+            same = saved.get("data_fingerprint") == legacy_data_fingerprint(self.dataset)
+        if same:
+            return None
+        return (f"{self.ckpt_path}: the training data at {self.cfg.data.path} is not the data this run was trained on "
+                "(different examples or labels): the guarantee is for one dataset, so the run cannot continue on "
+                "another; start a new run")
 
     def _restore(self, state: dict) -> None:
         plan = self.plan
@@ -255,10 +295,6 @@ class Trainer:
                                        f"q={saved_plan['sample_rate']}, this one computes sigma={plan.noise_multiplier} "
                                        f"at q={plan.sample_rate} (different dataset size or Opacus version?): resuming "
                                        "would break the privacy calibration")
-        if state.get("data_fingerprint") != data_fingerprint(self.dataset):
-            raise ckpt.CheckpointError(f"{self.ckpt_path}: the training data at {self.cfg.data.path} is not the data this "
-                                       "run was trained on (different examples or labels): the guarantee is for one "
-                                       "dataset, so the run cannot continue on another; start a new run")
         step = int(state["step"])
         if step >= plan.budget_steps:
             raise ckpt.CheckpointError(f"{self.ckpt_path}: the run is complete ({step} of {plan.total_steps} steps, "
@@ -313,7 +349,7 @@ class Trainer:
                     "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
                     "world_size": self.ranks.world_size,
                     **({"per_rank": per_rank} if per_rank is not None else {})},
-            "autotune": autotune.state_dict(), "wall_s": wall_s, "data_fingerprint": self.fingerprint,
+            "autotune": autotune.state_dict(), "wall_s": wall_s, "data_check": self.data_check,
         }
 
     def save(self, wall_s: float, numbered: bool = False) -> Path:
@@ -392,7 +428,6 @@ class Trainer:
             out.write("noise and sampling come from seeded generators (dp.secure_mode=false): reproducible, fine for "
                       "experiments; set dp.secure_mode=true for a model you release")
         log_freq, snap_freq, save_freq = cfg.train.log_freq, cfg.train.snapshot_freq, cfg.train.save_freq
-        ckpt_freq = max(1, min(snap_freq, save_freq))
         tuning = contextlib.nullcontext() if cfg.dp.autotune else autotune.fixed()
         start = time.perf_counter()
         wall = lambda: self.wall_before + time.perf_counter() - start  # noqa: E731
@@ -421,10 +456,12 @@ class Trainer:
                             eps = self._epsilon() if log else None
                             out.step(self.step, stats, log, eps, self.optimizer.param_groups[0]["lr"])
                             stats = StepStats()
-                            if self.step % snap_freq == 0 and self.step < stop_at and main:
-                                self.snapshot(f"step_{self.step:07d}")
-                            if self.step % ckpt_freq == 0 and self.step < stop_at:
-                                self.save(wall(), numbered=self.step % save_freq == 0)
+                            snap, numbered = self.step % snap_freq == 0, self.step % save_freq == 0
+                            if (snap or numbered) and self.step < stop_at:
+                                # the checkpoint first: a resume never re-draws a step whose grid was released
+                                self.save(wall(), numbered=numbered)
+                                if snap and main:
+                                    self.snapshot(f"step_{self.step:07d}")
                             if self.step >= stop_at or stop_signal is not None:
                                 break
                 self.save(wall(), numbered=self.step % save_freq == 0)
@@ -444,7 +481,7 @@ class Trainer:
             self.snapshot("final")
         elif stop_signal is None:     # --max-steps; after a signal, exit promptly instead
             self.snapshot(f"step_{self.step:07d}")
-        plot_curves(self.workdir / "metrics.jsonl", self.workdir / "curves.png")
+        plot_curves(self.workdir)
         how = (f"interrupted by {stop_signal}" if stop_signal else "finished" if finished
                else f"stopped at --max-steps {self.max_steps}")
         print(f"{how}: step {self.step}/{plan.total_steps}, eps={eps:.4f} at delta={plan.delta:g} "

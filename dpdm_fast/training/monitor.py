@@ -1,8 +1,12 @@
-"""What a person sees during training: a progress bar, metrics.jsonl, and curves.png at the end.
+"""What a person sees during training: a progress bar, the logs, and curves at the end.
 
-The logged loss and gradient-norm statistics are computed from the private data without noise:
-they are not covered by the privacy guarantee (only the weights, the EMA and samples drawn from
-them are), so keep metrics.jsonl with the private data.
+Two logs, because only one of them may leave the data's machine:
+- ``metrics.jsonl``: step, epoch, eps spent, learning rate: functions of the public plan and the
+  step count, nothing computed from the data (safe to share);
+- ``private/diagnostics.jsonl`` and ``private/curves.png``: the training loss, the gradient norms,
+  the fraction clipped, the number of examples and examples/s, computed from the private batches
+  without noise, so not covered by the guarantee.
+The progress bar shows the step, the epoch and eps only (a terminal log is often shared).
 """
 from __future__ import annotations
 
@@ -13,6 +17,11 @@ import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from .private_files import private_dir
+
+PUBLIC_LOG = "metrics.jsonl"
+PRIVATE_LOG = "diagnostics.jsonl"
 
 
 class StepStats:
@@ -38,21 +47,15 @@ class StepStats:
 class Monitor:
     def __init__(self, workdir: Path, total_steps: int, start_step: int, steps_per_epoch: int,
                  progress: bool = True):
-        self.path = workdir / "metrics.jsonl"
+        self.path = workdir / PUBLIC_LOG
+        self.private_path = private_dir(workdir) / PRIVATE_LOG
         self.steps_per_epoch = steps_per_epoch
-        self._truncate_after(start_step)
+        for path in (self.path, self.private_path):
+            _truncate_after(path, start_step)
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, unit="step",
                         dynamic_ncols=True, file=sys.stderr)
         self.window = StepStats()
         self.window_start = time.perf_counter()
-
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: drop their old lines."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
 
     def step(self, step: int, stats: StepStats, log: bool, eps: float | None, lr: float) -> dict | None:
         """Record one finished step; on log steps write a metrics line and refresh the bar's numbers."""
@@ -62,15 +65,16 @@ class Monitor:
         if not log:
             return None
         elapsed = time.perf_counter() - self.window_start
-        line = {"step": step, "epoch": step / self.steps_per_epoch, **w.summary(), "eps": eps, "lr": lr,
-                "examples_per_s": w.examples / elapsed if elapsed > 0 else math.nan}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        public = {"step": step, "epoch": step / self.steps_per_epoch, "eps": eps, "lr": lr}
+        private = {"step": step, **w.summary(), "examples": w.examples,
+                   "examples_per_s": w.examples / elapsed if elapsed > 0 else math.nan}
+        for path, line in ((self.path, public), (self.private_path, private)):
+            with open(path, "a") as f:
+                f.write(json.dumps(line) + "\n")
         self.bar.set_description(f"epoch {(step - 1) // self.steps_per_epoch + 1}")   # step 118 of 118 is epoch 1
-        self.bar.set_postfix(loss=f"{line['loss']:.4f}", eps=f"{eps:.3f}" if eps is not None else "-",
-                             ex_s=f"{line['examples_per_s']:.0f}", refresh=False)
+        self.bar.set_postfix(eps=f"{eps:.3f}" if eps is not None else "-", refresh=False)
         self.window, self.window_start = StepStats(), time.perf_counter()
-        return line
+        return {**public, **private}
 
     def write(self, message: str) -> None:
         self.bar.write(message, file=sys.stderr) if not self.bar.disable else print(message, file=sys.stderr)
@@ -92,17 +96,28 @@ class SilentMonitor:
         pass
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: drop their old lines."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: Path, out: Path) -> Path | None:
-    """curves.png: loss, eps spent and fraction clipped against step."""
-    rows = read_metrics(metrics_path)
+def plot_curves(workdir: Path) -> Path | None:
+    """private/curves.png: loss, eps spent and fraction clipped against step (private: the loss and the
+    clipped fraction are computed from the private batches)."""
+    eps = {r["step"]: r.get("eps") for r in read_metrics(workdir / PUBLIC_LOG)}
+    rows = [{**r, "eps": eps.get(r["step"])} for r in read_metrics(private_dir(workdir) / PRIVATE_LOG)]
     if not rows:
         return None
+    out = private_dir(workdir) / "curves.png"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
