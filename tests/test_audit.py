@@ -139,6 +139,16 @@ def test_input_canaries_run_through_the_pipeline_and_report(dp_run, data, tmp_pa
     assert "eps lower bound" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 1000
 
 
+def test_the_report_states_what_the_run_exercised_and_what_it_did_not(dp_run, tmp_path):
+    from dpdm_fast.audit.report import write_report
+    text = write_report(dp_run, tmp_path)["markdown"].read_text()
+    assert "whole training pipeline" not in text.replace("not of the whole training pipeline", "")
+    scope = json.loads((tmp_path / "report.json").read_text())["scope"]
+    assert any("bias-free Linear" in s for s in scope["exercised"])
+    assert any("Conv2d" in s for s in scope["not_exercised"]) and any("resume" in s for s in scope["not_exercised"])
+    assert "Not exercised" in text and "Conv2d" in text
+
+
 def test_audit_cli_writes_the_report_with_the_claim_and_the_bound(data, tmp_path):
     run = subprocess.run([sys.executable, "-m", "dpdm_fast.cli", "audit", f"data.path={data}", "train.batch_size=75",
                           "train.n_epochs=2", "model.network.nf=4", "--canaries", "100", "--real-examples", "100",

@@ -42,11 +42,14 @@ def test_a_run_writes_checkpoint_metrics_samples_and_curves(finished_run):
                                                                       1 / 7, 14, 1e-3))
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 4, 6, 8, 10, 12, 14]
-    assert all(r["loss"] > 0 and 0 <= r["frac_clipped"] <= 1 and r["grad_norm_mean"] > 0 for r in lines)
+    assert all(set(r) == {"step", "epoch", "eps", "lr"} for r in lines)    # nothing computed from the data
     assert [r["eps"] for r in lines] == sorted(r["eps"] for r in lines) and lines[-1]["eps"] <= 10
+    private = [json.loads(line) for line in (workdir / "private" / "diagnostics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in private] == [1, 2, 4, 6, 8, 10, 12, 14]
+    assert all(r["loss"] > 0 and 0 <= r["frac_clipped"] <= 1 and r["grad_norm_mean"] > 0 for r in private)
     grid = Image.open(workdir / "samples" / "final.png")
     assert grid.size == (2 * (10 * 30 + 2), 2 * (10 * 30 + 2))     # 10 classes x 10 samples, 28 px + 2 px gaps, x2
-    assert (workdir / "samples" / "step_0000006.png").exists() and (workdir / "curves.png").exists()
+    assert (workdir / "samples" / "step_0000006.png").exists() and (workdir / "private" / "curves.png").exists()
     assert not torch.equal(state["ema"]["all_modules.3.weight"], state["model"]["all_modules.3.weight"])
 
 
@@ -122,9 +125,11 @@ def test_resuming_with_another_config_is_refused_and_names_the_keys(data, tmp_pa
         Trainer(tiny_config(data, **{"model.network.nf": 16}), tmp_path, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="dp.epsilon"):
         Trainer(tiny_config(data, **{"dp.epsilon": 5.0}), tmp_path, resume=True, progress=False)
-    # where things go and how often may change
-    Trainer(tiny_config(data, **{"train.log_freq": 1, "dp.max_physical_batch_size": 5}), tmp_path, resume=True,
-            progress=False)
+    # where things go and how often may change; physical batching may not (the loss draws per physical batch)
+    Trainer(tiny_config(data, **{"train.log_freq": 1}), tmp_path, resume=True, progress=False)
+    for key, value in (("dp.max_physical_batch_size", 5), ("dp.n_splits", 2)):
+        with pytest.raises(CheckpointError, match=key):
+            Trainer(tiny_config(data, **{key: value}), tmp_path, resume=True, progress=False)
     with pytest.raises(ValueError, match="already at step 2"):
         Trainer(tiny_config(data), tmp_path, resume=True, max_steps=2, progress=False)
     with pytest.raises(ValueError, match="the schedule has 14 steps"):
@@ -137,7 +142,8 @@ def test_resuming_with_another_config_is_refused_and_names_the_keys(data, tmp_pa
     ({"dp.epsilon": 0.0}, "dp.epsilon must be a finite number > 0"),
     ({"dp.delta": 0.005}, r"dp.delta must be in \(0, 1/N\)"),
     ({"dp.epsilon": 1e-4}, "no noise multiplier reaches eps=0.0001"),
-    ({"dp.accountant": "moments"}, "rdp, prv or gdp"),
+    ({"dp.accountant": "moments"}, "rdp or prv"),
+    ({"dp.accountant": "gdp"}, "not an upper bound"),
 ])
 def test_impossible_privacy_targets_are_clear_errors(data, tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
@@ -206,7 +212,7 @@ def test_empty_poisson_batches_are_trained_through(data, tmp_path):
     trainer = Trainer(cfg, tmp_path, max_steps=30, progress=False)
     result = trainer.run()
     assert result.step == 30 and trainer.engine.steps == 30
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "private" / "diagnostics.jsonl").read_text().splitlines()]
     assert any(np.isnan(r["loss"]) for r in rows) and len(rows) == 30   # empty steps: no loss, still logged
 
 

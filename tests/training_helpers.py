@@ -35,7 +35,7 @@ def tiny_mnist(folder: Path, n_train: int = 200, n_test: int = 40) -> Path:
 def tiny_overrides(data: Path, **extra) -> list[str]:
     """200 examples, batch 32 (q = 1/7), K = 2, 2 epochs = 14 steps, eps = 10 at delta = 1e-3."""
     values = {
-        "data.path": str(data), "model.network.nf": 8, "model.network.ch_mult": "[1,2]",
+        "data.path": str(data), "data.public_size": "null", "model.network.nf": 8, "model.network.ch_mult": "[1,2]",
         "model.network.num_res_blocks": 1, "model.network.attn_resolutions": "[14]",
         "train.batch_size": 32, "train.n_epochs": 2, "train.log_freq": 2, "train.snapshot_freq": 6,
         "loss.n_noise_samples": 2, "dp.delta": 1e-3, "dp.max_physical_batch_size": 12, "dp.n_splits": 1, "sampler.num_steps": 3,

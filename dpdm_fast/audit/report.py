@@ -49,9 +49,16 @@ def markdown(result: dict) -> str:
         f"{r['significance_per_candidate']:.4f}): "
         + ", ".join(f"{c['guesses']} (ceiling {c['ceiling']:.2f})" for c in r["candidates"]) + ".",
         "",
-        "What this shows: a lower bound on the eps of this build's whole training pipeline, at the stated "
-        "confidence. A bound below the claim is consistent with the guarantee; it does not prove it (an "
-        "audit can only refute). The bound cannot exceed the ceiling, however much the run leaks.",
+        "What this shows: a lower bound, at the stated confidence, on the eps of the parts of the pipeline "
+        "that this run exercised (below), not of the whole training pipeline. A bound below the claim is "
+        "consistent with the guarantee for those parts; it does not prove it (an audit can only refute). The "
+        "bound cannot exceed the ceiling, however much the run leaks.",
+        "",
+        "Exercised by this run:",
+        *[f"- {item}" for item in r["scope"]["exercised"]],
+        "",
+        "Not exercised (a leak there would not show in this bound):",
+        *[f"- {item}" for item in r["scope"]["not_exercised"]],
     ]
     return "\n".join(lines) + "\n"
 
