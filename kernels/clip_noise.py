@@ -1,7 +1,7 @@
 """The one pass over the per-example buffer: clip, sum over examples, noise, scale.
 
 The buffer holds, parameter after parameter, a contiguous (B, numel) block of per-example
-gradients (``dpdm_fast.engine.layout.FlatLayout``). Each program takes one tile of one
+gradients (``dpdm_fast.engine.clipping.layout.FlatLayout``). Each program takes one tile of one
 parameter's columns and, for every example b, reads the tile's B rows once:
 
     total[j] += sum_b min(1, C / (norm_b + 1e-6)) * scale * block[b, j]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..data import build_dataset
 from ..diffusion import build_loss
 from ..engine import BatchMemoryManager
-from ..engine.poisson import PoissonDataLoader
+from ..engine.sampling.poisson import PoissonDataLoader
 from ..generate import build_model
 from ..training.loop import _optimizer, resolve_device
 from ..training.privacy_plan import plan_privacy, quiet_accountant
@@ -60,7 +60,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
           device: str | None = None, progress: bool = True) -> dict:
     """Train once with ``canaries`` canaries (each included with probability 1/2) and return the
     audit: the claimed epsilon, the lower bound at ``confidence``, its ceiling, and the scores."""
-    from ..engine.privacy_engine import PrivacyEngine
+    from ..engine.api.privacy_engine import PrivacyEngine
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")

@@ -97,7 +97,7 @@ class CelebA(Dataset):
     Items are ``(image, -1)``: CelebA is used unconditionally and -1 means 'no label'.
     """
 
-    items_from_arrays = ("data",)   # what a dataset hash must read (dpdm_fast.engine.dataset_hash)
+    items_from_arrays = ("data",)   # what a dataset hash must read (dpdm_fast.engine.distributed.dataset_hash)
 
     def __init__(self, root: str | os.PathLike, split: str = "train", resolution: int = 32,
                  crop: int | None = None, cache_dir: str | os.PathLike | None = None):

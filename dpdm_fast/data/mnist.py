@@ -65,7 +65,7 @@ class IDXImageDataset(Dataset):
     """
 
     name = "IDX"
-    items_from_arrays = ("data", "targets")   # what a dataset hash must read (dpdm_fast.engine.dataset_hash)
+    items_from_arrays = ("data", "targets")   # what a dataset hash must read (dpdm_fast.engine.distributed.dataset_hash)
     folder_names: tuple[str, ...] = ()
     mirrors: tuple[str, ...] = ()
 

@@ -32,7 +32,7 @@ from ..config import to_plain, validate_counts
 from ..data import build_dataset
 from ..diffusion import build_loss
 from ..engine import BatchMemoryManager, autotune
-from ..engine.dataset_hash import dataset_fingerprint
+from ..engine.distributed import dataset_fingerprint
 from ..engine.distributed import ReplicaError, Replicas, exact_float
 from ..generate import build_model, generate
 from ..imaging import save_grid
@@ -212,7 +212,7 @@ class Trainer:
         return state
 
     def _build(self, saved: dict | None) -> None:
-        from ..engine.privacy_engine import PrivacyEngine
+        from ..engine.api.privacy_engine import PrivacyEngine
 
         cfg, device, plan, ranks = self.cfg, self.device, self.plan, self.ranks
         seeds = self.seeds = _seeds(cfg.train.seed)

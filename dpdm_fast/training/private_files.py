@@ -18,7 +18,7 @@ import os
 import secrets
 from pathlib import Path
 
-from ..engine.dataset_hash import dataset_fingerprint
+from ..engine.distributed import dataset_fingerprint
 
 PRIVATE = "private"
 DATA_KEY = "data_key"

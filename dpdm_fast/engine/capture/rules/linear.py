@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn as nn
 
-from . import block, groups, register_rule
+from .registry import block, groups, register_rule
 
 
 @register_rule(nn.Linear)

@@ -1,10 +1,10 @@
-"""The Triton backend: fused kernels for the per-group gradients and the clip/sum/noise pass."""
+"""The Triton backend: the clip/sum/noise pass as one Triton kernel (its per-group gradient kernels are
+capture's kernel rules for the name ``"triton"``)."""
 from __future__ import annotations
 
 import torch
 
-from .fused_backend import FusedBackend
-from .kernel_rules import triton_kernel_rules
+from .fused import FusedBackend
 
 
 class TritonBackend(FusedBackend):
@@ -22,7 +22,6 @@ class TritonBackend(FusedBackend):
                                "interpreter instead of on the GPU: unset it for GPU training")
         self._clip_noise = clip_noise
         self.tile = clip_noise.TILE
-        self.kernel_rules = triton_kernel_rules()
 
     def _launch(self, buffer, numels, written, norms, max_norm, scale, total, tiles, final, std, divisor, seed,
                 draws, out) -> None:

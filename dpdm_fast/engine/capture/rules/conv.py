@@ -4,8 +4,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..autotune import batch_bucket, run_fastest
-from ..collector import profile_scope
-from . import block, groups, register_rule
+from ...profiling import profile_scope
+from .registry import block, groups, register_rule
 
 
 # Memory cap for the unfold path's column buffer (rows x C*k*k x output pixels floats) and the rows

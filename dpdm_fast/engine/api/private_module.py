@@ -3,11 +3,13 @@
 How the ordinary weight gradient is avoided: while a layer with trainable parameters runs its
 ``forward``, those parameters are marked ``requires_grad=False`` (a pre-hook freezes them, the
 forward hook restores them), so autograd records no weight-gradient work. The layer's output is
-passed through ``_Tap``, an identity whose backward hands the output gradient and the layer's
+passed through ``Tap``, an identity whose backward hands the output gradient and the layer's
 inputs (saved with ``save_for_backward``, so autograd's in-place checks and
 ``torch.utils.checkpoint`` apply to them) to the layer's rule. The rule writes per-group
 gradients into one flat buffer, a (B, numel) block per parameter (``GroupGradientCollector``), which
-is clipped per example when the backward pass ends.
+is clipped per example when the backward pass ends. The hooks live in ``dpdm_fast.engine.capture``
+(``ModelGuard`` on the model, a ``LayerSite`` per layer), the buffer and the clipping in
+``dpdm_fast.engine.clipping``; this module wires them together.
 
 What keeps the guarantee honest (each is a test in ``tests/test_engine_hardening.py``):
 - a parameter used outside its own layer's forward would get an ordinary, unclipped gradient:
@@ -24,13 +26,9 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from torch.nn.modules import module as _module_globals
-from torch.utils._pytree import tree_flatten
 
-from .capture import _in_backward, _Site
-from .collector import GroupGradientCollector
-from .layout import FlatLayout
-from .validate import validate_module
+from ..capture import ForwardState, LayerSite, ModelGuard, validate_module
+from ..clipping import FlatLayout, GroupGradientCollector
 
 
 class PrivateModule(nn.Module):
@@ -55,15 +53,8 @@ class PrivateModule(nn.Module):
         self.collector = GroupGradientCollector(FlatLayout(self.trainable), noise_multiplicity,
                                                 max_grad_norm, loss_reduction, backend)
         device = self.trainable[0].device if self.trainable else None
-        self._trigger = torch.zeros((), device=device, requires_grad=True)
-        self._trigger_node = torch.autograd.graph.get_gradient_edge(self._trigger).node
+        self._state = ForwardState(self.collector, device)
         self._names = {id(p): n for n, p in module.named_parameters()}
-        self._calls: set[int] = set()
-        self._frozen: dict[int, list] = {}
-        self._depth = 0           # nesting of forward calls of the wrapped model
-        self._via_wrapper = 0     # forward calls that came through PrivateModule.forward
-        self._allow_direct = allow_direct_calls
-        self._in_rule = False
         self._closed = False
         self._handles = []
         self._sites: list = []
@@ -72,16 +63,14 @@ class PrivateModule(nn.Module):
             own = {n: p for n, p in sub.named_parameters(recurse=False) if id(p) in layout_ids}
             if not own:
                 continue
-            site = _Site(self, name, sub, own, strict)
+            site = LayerSite(self._state, name, sub, own, strict)
             self._sites.append(site)
             self._handles.append(sub.register_forward_pre_hook(site.pre_hook, with_kwargs=True))
             self._handles.append(sub.register_forward_hook(site.forward_hook, with_kwargs=True, prepend=True,
                                                            always_call=True))
-        self._structure = self._module_signature()
-        self._rows: int | None = None
-        self._buffer_versions: dict | None = None
-        self._handles.append(module.register_forward_pre_hook(self._enter, prepend=True, with_kwargs=True))
-        self._handles.append(module.register_forward_hook(self._exit, always_call=True))
+        guard = ModelGuard(module, self._state, self.trainable, self._names, allow_direct_calls)
+        self._handles.append(module.register_forward_pre_hook(guard.enter, prepend=True, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(guard.exit, always_call=True))
         # The hook holds the module weakly: a tensor's hooks are invisible to Python's cycle collector,
         # so a strong reference (parameter -> hook -> this module -> model -> parameter) would keep the
         # module and its per-example buffer alive after the user dropped both (measured: 316 MiB kept
@@ -117,77 +106,11 @@ class PrivateModule(nn.Module):
         if self._closed:
             raise RuntimeError("this private module was detached (remove_hooks, or a later make_private on its "
                                "model): use the module that make_private returned last")
-        self._via_wrapper += 1
+        self._state.via_wrapper += 1
         try:
             return self._module(*args, **kwargs)
         finally:
-            self._via_wrapper -= 1
-
-    def _enter(self, module, args, kwargs) -> None:
-        # `_exit` runs even when this hook raises (always_call), so count first, then check.
-        self._depth += 1
-        if self._depth > 1 or _in_backward() or not torch.is_grad_enabled():
-            return None   # nested call, recomputation by torch.utils.checkpoint, or no gradients
-        if not self._via_wrapper and not self._allow_direct:
-            raise RuntimeError("this model was wrapped by make_private: call the private module it returned "
-                               "(or private.remove_hooks() to get the plain model back); under "
-                               "torch.no_grad() the model can be used as is, e.g. for sampling")
-        self._calls.clear()
-        self._check_structure()
-        self._check_trainable()
-        if _module_globals._global_forward_hooks:
-            raise RuntimeError("global module forward hooks are registered (torch.nn.modules.module."
-                               "register_module_forward_hook); they run before the engine's hooks and can change a "
-                               "layer's output behind its rule's back: remove them while training privately")
-        self._rows = next((t.shape[0] for t in tree_flatten((args, kwargs))[0]
-                           if isinstance(t, torch.Tensor) and t.dim() > 0), None)
-        if self._rows is None:
-            raise ValueError("the private module must be called with the batch as a tensor argument (rows on dim 0)")
-        self._buffer_versions = {n: b._version for n, b in module.named_buffers()}
-        return None
-
-    def _exit(self, module, args, output) -> None:
-        self._depth -= 1
-        if self._depth:
-            return
-        self._restore_frozen()
-        versions, self._buffer_versions = self._buffer_versions, None
-        if versions is not None and output is not None:
-            changed = [n for n, b in module.named_buffers() if n in versions and b._version != versions[n]]
-            if changed:
-                raise RuntimeError(f"buffers {changed[:5]} were modified during a training forward: a buffer computed "
-                                   "from the batch (like BatchNorm's running statistics) is released with the model "
-                                   "without clipping or noise; update it outside the private forward, or make it a "
-                                   "non-buffer attribute if it does not depend on the data")
-
-    def _module_signature(self) -> tuple:
-        return tuple((name, id(m), type(m)) for name, m in self._module.named_modules())
-
-    def _check_structure(self) -> None:
-        if self._module_signature() != self._structure:
-            before = {n: t.__name__ for n, _, t in self._structure}
-            now = {n: type(m).__name__ for n, m in self._module.named_modules()}
-            diff = sorted(set(before.items()) ^ set(now.items()))
-            raise RuntimeError(f"the model's modules changed after make_private ({diff[:4]}): layers added or replaced "
-                               "after wrapping are neither validated nor hooked; wrap the model again with make_private")
-
-    def _restore_frozen(self) -> None:
-        """Undo freezes a failed forward left behind (each layer's always-called forward hook normally
-        undoes its own; this runs once the outermost forward ends, even when it raised)."""
-        for frozen in self._frozen.values():
-            for p in frozen:
-                p.requires_grad_(True)
-        self._frozen.clear()
-
-    def _check_trainable(self) -> None:
-        slots = self.collector.layout.slots
-        for name, p in self._module.named_parameters():
-            if p.requires_grad and id(p) not in slots:
-                raise RuntimeError(f"parameter {name!r} requires grad but was not trainable when the model was "
-                                   "wrapped, so its gradient would be neither clipped nor noised: freeze it again "
-                                   "(requires_grad_(False)) or wrap the model again with make_private")
-        active = frozenset(id(p) for p in self.trainable if p.requires_grad)
-        self.collector.set_active(active, self._names)
+            self._state.via_wrapper -= 1
 
     def _ordinary_gradient(self, p: torch.Tensor) -> None:  # (via _refuse_ordinary_gradient)
         p.grad = None  # never leave an unclipped gradient behind

@@ -10,13 +10,12 @@ the backend folds clipping, sum, noise and scaling into one pass over the buffer
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
-from torch.autograd.profiler import record_function
 
+from ..profiling import profile_scope
 from .backends import ClipJob, Noise, get_backend
+from .buffer import PerExampleBuffer, same_memory
 from .layout import FlatLayout
 
 
@@ -43,14 +42,9 @@ class GroupGradientCollector:
         # ids of the trainable parameters of the current step (the user may freeze some between steps)
         self.active: frozenset = frozenset(id(p) for p in layout.params)
         self.closed = False
-        self._storage: torch.Tensor | None = None   # the flat per-example buffer (see FlatLayout)
+        self._buffer = PerExampleBuffer(layout)
         self._B: int | None = None                  # examples of the backward pass in progress
-        self._blocks: dict = {}                     # id(param) -> its (B, *shape) block, for _blocks_B examples
-        self._blocks_B: int | None = None
-        self._norm_table: torch.Tensor | None = None  # (params, B): per-parameter norms of each example
-        self._norm_rows: dict = {}
         self._task = -1
-        self._written: set[int] = set()
         self._rows = 0
 
     @property
@@ -124,16 +118,7 @@ class GroupGradientCollector:
             if self._clipped_sum.device != device:
                 raise RuntimeError(f"the model runs on {device} but the engine was set up on {self._clipped_sum.device}: "
                                    "move the model to its device before make_private (as with Opacus)")
-            with profile_scope("dpdm_fast.buffer_alloc"):
-                if self._storage is None or self._storage.numel() < B * self.layout.size:
-                    self._storage, self._blocks, self._blocks_B = None, {}, None  # free it first: one buffer at peak
-                    self._storage = torch.empty(B * self.layout.size, dtype=torch.float32, device=device)
-                if self._blocks_B != B:  # views of the blocks and norm rows, reused while B stays the same
-                    self._blocks = {id(p): self.layout.block(self._storage, p, B) for p in self.layout.params}
-                    self._norm_table = torch.empty(len(self.layout.params), B, dtype=torch.float32, device=device)
-                    self._norm_rows = {id(p): self._norm_table[i] for i, p in enumerate(self.layout.params)}
-                    self._blocks_B = B
-                self._norm_table.zero_()  # parameters this pass does not write count as zero
+            self._buffer.prepare(B, device)
             self._B, self._rows, self._task = B, rows, task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         elif rows != self._rows:
@@ -144,24 +129,17 @@ class GroupGradientCollector:
     def target(self, param: nn.Parameter) -> torch.Tensor:
         """The (B, *param.shape) block of the buffer where param's per-group gradients go; a rule
         that writes into it (``out=``) saves the copy ``write`` would otherwise make."""
-        return self._blocks[id(param)]
+        return self._buffer.blocks[id(param)]
 
     def squared_norm_row(self, param: nn.Parameter) -> torch.Tensor:
         """The (B,) fp32 row of the norm table (zero at this point) where a kernel rule adds each
         example's squared norm of param's gradient as it writes the ``target`` block."""
-        return self._norm_rows[id(param)]
+        return self._buffer.norm_rows[id(param)]
 
     def written_by_kernel(self, param: nn.Parameter, name: str) -> None:
         """A kernel rule wrote param's block and its squared norms: record it, take the square root."""
-        self._mark_written(param, name)
-        self._norm_rows[id(param)].sqrt_()
-
-    def _mark_written(self, param: nn.Parameter, name: str) -> None:
-        if id(param) in self._written:
-            raise RuntimeError(f"parameter {name} received two per-group gradients in one backward pass: it "
-                               "is used twice (tied weights, a module called twice, or two forward "
-                               "passes in one loss), which per-example clipping does not support")
-        self._written.add(id(param))
+        self._buffer.mark_written(param, name)
+        self._buffer.norm_rows[id(param)].sqrt_()
 
     def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
         """Take param's per-group gradients (in its ``target`` block already, or copied there) and
@@ -170,50 +148,34 @@ class GroupGradientCollector:
         if tuple(per_group.shape) != expected:
             raise RuntimeError(f"the per-group gradient of {name} has shape {tuple(per_group.shape)}, expected "
                                f"{expected} (examples, *parameter shape): the rule is wrong for this call")
-        self._mark_written(param, name)
-        block = self._blocks[id(param)]
-        if not _same_memory(per_group, block):
+        self._buffer.mark_written(param, name)
+        block = self._buffer.blocks[id(param)]
+        if not same_memory(per_group, block):
             with profile_scope("dpdm_fast.buffer_copy"):
                 block.copy_(per_group)
         with profile_scope("dpdm_fast.norms"):
-            self.backend.norms(block.view(self._B, param.numel()), out=self._norm_rows[id(param)])
+            self.backend.norms(block.view(self._B, param.numel()), out=self._buffer.norm_rows[id(param)])
 
     def _end_of_backward(self) -> None:
         B, self._B = self._B, None
-        written, self._written = self._written, set()
+        written = self._buffer.written
         if B is None:
             return
         # Opacus's per-row scaling (rows for 'mean'), then the average over K rows. Parameters this
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
-        # the norm of each example's per-parameter norms is its whole gradient's norm
-        norms = self.backend.norms(self._norm_table.t()) * scale
-        if not torch.isfinite(norms).all():
-            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-            raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
-                                     "batch (NaN/Inf in the loss or the model); refusing to clip them")
-        self._pending = ClipJob(self.layout, self._storage, B, [id(p) in written for p in self.layout.params],
-                                norms, self.max_grad_norm, scale)
-        self.last_norms = norms
+        self._pending = self._buffer.clip_job(B, written, scale, self.max_grad_norm, self.backend)
+        self.last_norms = self._pending.norms
         self.num_examples += B
         self.backward_calls += 1
         self.backwards_since_step += 1
 
     def abort(self) -> None:
         """Forget a backward pass that failed half-way (its clipped contributions were never added)."""
-        self._B, self._written = None, set()
+        self._B = None
 
     def reset(self) -> None:
         self._pending = None
         self._clipped_sum.zero_()
         self.num_examples = 0
         self.backward_calls = 0
-
-
-def profile_scope(name: str):
-    """A named range in torch profiler traces (bench/fixed_costs.py reads them); free when not profiling."""
-    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype

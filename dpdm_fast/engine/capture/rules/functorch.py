@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
-from . import groups
+from .registry import groups
 
 
 def functorch_rule(module: nn.Module, inputs: tuple, g: torch.Tensor, K: int, kwargs: dict | None = None) -> dict:

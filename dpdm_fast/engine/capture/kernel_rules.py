@@ -8,16 +8,21 @@ torch rule then runs. A kernel rule applies to exactly the modules its torch rul
 (``find_rule`` decides; a subclass that changes the computation gets neither).
 
 The kernels take fp32, bf16 or fp16 operands and accumulate in fp32 into the fp32 buffer.
+
+Kernel rules are keyed by the name of the backend that runs the step (``kernel_rules_for``): the
+backends (``dpdm_fast.engine.clipping.backends``) hold only the clip/sum/noise pass and import
+nothing from capture.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
 
-from ..models.layers import NIN
+from ...models.layers import NIN
 from .rules.conv import conv_padding
 
 KernelRule = Callable[..., bool]
@@ -83,3 +88,36 @@ def triton_kernel_rules() -> Dict[type, KernelRule]:
 
     return {nn.Conv2d: conv2d, nn.Linear: linear, NIN: nin, nn.GroupNorm: group_norm}
 
+
+def cuda_kernel_rules(backend) -> Dict[type, KernelRule]:
+    """The CUDA C++ twin of the conv rule (``csrc/``), through the CUDA backend's loaded extension."""
+    ext = backend.ext
+
+    def conv2d(module: nn.Conv2d, x, g, K, out, sq, saved=None) -> bool:
+        padding = plain_conv_padding(module, x)
+        if padding is None or x.dtype != g.dtype:
+            return False
+        if "weight" in out:
+            ext.conv2d_weight_grad(x, g, K, list(module.weight.shape), list(module.stride), list(padding),
+                                   out["weight"], sq["weight"])
+        if "bias" in out:
+            torch.sum(g.reshape(g.shape[0] // K, K, g.shape[1], -1), dim=(1, 3), dtype=torch.float32, out=out["bias"])
+            sq["bias"].add_(out["bias"].pow(2).sum(1))
+        return True
+
+    return {nn.Conv2d: conv2d}
+
+
+# backend name -> factory(backend) -> {layer class: kernel rule}; backends without an entry use the torch rules
+KERNEL_RULES: Dict[str, Callable] = {"triton": lambda backend: triton_kernel_rules(), "cuda": cuda_kernel_rules}
+_BUILT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def kernel_rules_for(backend) -> Dict[type, KernelRule]:
+    """{layer class: kernel rule} of ``backend`` (built once per backend object)."""
+    factory = KERNEL_RULES.get(backend.name)
+    if factory is None:
+        return {}
+    if backend not in _BUILT:
+        _BUILT[backend] = factory(backend)
+    return _BUILT[backend]

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from ...models.layers import NIN
-from . import block, groups, register_rule
+from ....models.layers import NIN
+from .registry import block, groups, register_rule
 
 
 @register_rule(NIN, params=("W", "b"), input_ndim=lambda d: d >= 3)

@@ -17,7 +17,7 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Iter
                               SequentialSampler, Subset, SubsetRandomSampler)
 from torch.utils.data.dataloader import default_collate
 
-from .mechanism import batches_per_epoch
+from ..mechanism import batches_per_epoch
 
 
 class PoissonBatchSampler(Sampler[List[int]]):

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import block, groups, register_rule
+from .registry import block, groups, register_rule
 
 
 def _group_norm_stats(module: nn.GroupNorm, args: tuple, output: torch.Tensor):

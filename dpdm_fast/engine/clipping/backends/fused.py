@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .backends import ClipJob, Noise, TorchBackend, noise_seed
-from .collector import profile_scope
+from ...profiling import profile_scope
+from .jobs import ClipJob, Noise
+from .torch_backend import TorchBackend, noise_seed
 
 
 class FusedBackend(TorchBackend):

@@ -1,0 +1,164 @@
+"""DP optimizer: noise the clipped sum once per logical batch, then step the wrapped optimizer."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.optim import Optimizer
+
+from ..clipping import GroupGradientCollector
+from ..distributed import Replicas
+from ..profiling import profile_scope
+from .dp_settings import DPSettings
+from .noise_source import NoiseSource
+from .step_checks import check_batches, check_no_ordinary_gradients
+from .wrapped_optimizer import WrappedOptimizer
+
+
+class DPOptimizer(WrappedOptimizer, DPSettings):
+    """Wraps any torch optimizer; ``step()`` applies the DP-SGD update of the clipped sum.
+
+    At each (logical) step: p.grad = (clipped_sum + N(0, (noise_multiplier * max_grad_norm)^2)) / d,
+    with d the expected batch size (for ``loss_reduction='mean'``; 1 for ``'sum'``, as Opacus), times
+    the number of accumulated backward passes when ``scale_by_accumulated_iterations`` (Opacus's
+    rule, used for ``poisson_sampling=False``). It is a ``torch.optim.Optimizer`` (as Opacus's is),
+    so learning-rate schedulers work; ``param_groups`` / ``state`` are the wrapped optimizer's.
+
+    ``max_grad_norm`` and ``loss_reduction`` are read from (and ``max_grad_norm`` written to) the
+    private module's collector, so Opacus's clipping schedulers change clipping and noise together.
+    Noise: see ``NoiseSource`` (``generator``, ``secure_mode``). ``before_noise`` hooks receive the flat fp32 clipped sum before noise is added (in a
+    distributed run: this rank's share).
+
+    ``replicas`` (a distributed run, see ``dpdm_fast.engine.distributed``): each step, the ranks first
+    agree on the step and its settings, rank 0 alone adds the noise, and the flat gradient
+    ``(clipped sum [+ noise]) / expected batch`` is summed over the ranks by one all-reduce, so
+    every rank applies the same update: the one-process update of the union of their batches.
+    """
+
+    def __init__(self, optimizer: Optimizer, collector: GroupGradientCollector, *, noise_multiplier: float,
+                 expected_batch_size: int, max_grad_norm: float | None = None, loss_reduction: str | None = None,
+                 generator: torch.Generator | None = None, secure_mode: bool = False,
+                 scale_by_accumulated_iterations: bool = False, replicas: Replicas | None = None):
+        super().__init__(optimizer)
+        self.collector = collector
+        if max_grad_norm is not None and float(max_grad_norm) != collector.max_grad_norm:
+            raise ValueError(f"max_grad_norm={max_grad_norm} differs from the private module's clipping norm "
+                             f"{collector.max_grad_norm}: one value must serve clipping and noise")
+        if loss_reduction is not None and loss_reduction != collector.loss_reduction:
+            raise ValueError(f"loss_reduction={loss_reduction!r} differs from the private module's "
+                             f"{collector.loss_reduction!r}")
+        self.noise_multiplier = noise_multiplier
+        if expected_batch_size <= 0:
+            raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size}")
+        self.expected_batch_size = expected_batch_size
+        self.scale_by_accumulated_iterations = scale_by_accumulated_iterations
+        self.noise_source = NoiseSource(generator, secure_mode, collector.layout_device)
+        if replicas is not None and scale_by_accumulated_iterations:
+            raise ValueError("a distributed step needs Poisson sampling (one batch per step on every rank)")
+        self.replicas = replicas
+        self.step_hooks: list[Callable[["DPOptimizer"], None]] = []
+        self.before_noise: list[Callable[[torch.Tensor], None]] = []
+        # The loader make_private returned (its ledger of batch sizes), and whether each step must be
+        # exactly one of its batches (Poisson) or may accumulate several (Opacus's rule otherwise).
+        self.ledger = None
+        self.one_batch_per_step = True
+        self.accumulated_iterations = 1
+        self._skip_next = self._last_step_skipped = False
+        self._steps_taken = 0
+        theirs = [p for group in optimizer.param_groups for p in group["params"]]
+        if {id(p) for p in theirs if p.requires_grad} - set(collector.layout.slots):
+            raise ValueError("the optimizer holds parameters that are not trainable parameters of the private module")
+
+    # -- Opacus-compatible surface ------------------------------------------------------------
+    def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
+        self.step_hooks.append(fn)
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Next ``step()`` only accumulates (used by BatchMemoryManager for non-final physical batches)."""
+        self._skip_next = do_skip
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears p.grad; also drops accumulated clipped sums unless the last step was a skipped one."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        if not self._last_step_skipped:
+            self.collector.reset()
+
+    # -- the DP step ------------------------------------------------------------------------
+    def _discard(self) -> None:
+        """A refused step releases nothing: drop its clipped sums so the next correct step starts clean."""
+        self.collector.reset()
+        self._skip_next = self._last_step_skipped = False
+
+    def _settings(self, divisor: float) -> dict:
+        """What the ranks must agree on at each step (besides what the collector knows)."""
+        return {"noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+                "divisor (expected batch size)": divisor, "secure_mode": self.secure_mode}
+
+    def pre_step(self) -> bool:
+        """Noise and scale; returns False when this step only accumulates."""
+        collector = self.collector
+        accumulated, collector.backwards_since_step = collector.backwards_since_step, 0
+        if self._skip_next and collector.backward_calls and not collector.closed:
+            self._skip_next, self._last_step_skipped = False, True
+            return False
+        self._last_step_skipped = False
+        flat, divisor, refused = None, self.expected_batch_size, None
+        # Everything that can fail on this rank alone happens before the ranks' exchange (so that a refusal is
+        # announced to them there); the noise is drawn here too (rank 0), but released only by the all-reduce.
+        try:
+            flat, divisor = self._noised_sum(accumulated)
+        except BaseException as e:
+            self._discard()   # nothing half-applied: the step's clipped sums are dropped
+            if self.exchange is None:
+                raise
+            refused = e       # raised by settle(), after telling the other ranks (they must not wait for this one)
+        if self.exchange is not None:
+            self.exchange.settle(flat, refused, self._steps_taken, self._settings(divisor), self._discard)
+        self.noise_source.after_step()
+        layout = collector.layout
+        with profile_scope("dpdm_fast.grads_out"):
+            for p in layout.params:  # views of the flat tensor (no copy for fp32 parameters)
+                p.grad = layout.flat_view(flat, p).to(p.dtype) if id(p) in collector.active else None
+            collector.reset()
+        for hook in self.step_hooks:
+            hook(self)
+        self._steps_taken += 1
+        if self.exchange is not None:
+            self.exchange.new_step()
+        return True
+
+    def _noised_sum(self, accumulated: int) -> tuple[torch.Tensor, float]:
+        """This rank's checks, then the backend's final pass: (clipped sum + noise) / divisor, one flat tensor."""
+        collector = self.collector
+        if collector.closed:
+            raise RuntimeError("this optimizer's private module was replaced by a later make_private call: use "
+                               "the optimizer that call returned")
+        if collector.backward_calls == 0:
+            raise RuntimeError("optimizer.step() called without a backward() through the private module since "
+                               "the last step: there are no clipped per-example gradients to apply")
+        batches = (check_batches(self.ledger, collector, self.one_batch_per_step) if self.ledger is not None
+                   else max(1, accumulated))
+        check_no_ordinary_gradients(self.param_groups, collector.layout)
+        self.accumulated_iterations = batches
+        divisor = 1
+        if self.loss_reduction == "mean":
+            divisor = self.expected_batch_size * (batches if self.scale_by_accumulated_iterations else 1)
+        std = self.noise_multiplier * self.max_grad_norm
+        if self.exchange is not None and not self.exchange.adds_noise:
+            std = 0.0   # the noise is drawn once, by rank 0; the all-reduce adds it to every rank's sum
+        if self.before_noise:
+            total = collector.clipped_sum   # (folds the last backward in first)
+            for hook in self.before_noise:
+                hook(total)
+        return collector.finish(self.noise_source.noise(std, divisor)), divisor
+
+    def abandon_step(self) -> None:
+        """This rank cannot finish the current step (its forward or backward raised): drop the step's
+        clipped sums and, in a distributed run, tell the other ranks at this step's exchange, so that
+        they stop with an error instead of waiting for this one. Call it before re-raising."""
+        self._discard()
+        if self.exchange is not None:
+            self.exchange.abandon(self._steps_taken, self._settings(self.expected_batch_size))
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer({self.original_optimizer!r}, noise_multiplier={self.noise_multiplier})"

@@ -1,0 +1,54 @@
+"""Checks of one layer call in the forward: what a per-group rule (or the fallback) can split into examples."""
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from .forward_state import in_backward
+
+
+def check_still_the_rules_layer(site, module) -> None:
+    """Options checked at wrap time can be changed afterwards (emb.max_norm = 1.0; conv.forward = ...)."""
+    spec = site.spec
+    if any(m in module.__dict__ for m in spec.methods):
+        raise NotImplementedError(f"{site.name!r}: {spec.methods} replaced on the instance, so its "
+                                  f"{type(module).__name__} rule no longer describes its computation; subclass "
+                                  "the layer instead (subclasses get the torch.func fallback) and wrap again")
+    if spec.check is not None:
+        spec.check(module)
+
+
+def check_call(site, args, kwargs, output) -> None:
+    """The layer's rows are the model's rows, and its tensors are arguments the rule can split."""
+    rows = output.shape[0] if output.dim() else None
+    where = f"{site.name!r} ({type(site.module).__name__})"
+    model_rows = site.state.rows
+    if not in_backward() and model_rows is not None and rows != model_rows:
+        raise ValueError(f"{where} returned {rows} rows, but the private module was called with {model_rows}: "
+                         "every layer with trainable parameters must keep the model's rows on dim 0 (a layer "
+                         "applied to (N*T, D) reshaped from (N, T, D), or to a tensor without the batch "
+                         "dimension such as torch.arange(T), would mix examples); reshape around it instead")
+    nested = [type(a).__name__ for a in (*args, *kwargs.values())
+              if not isinstance(a, torch.Tensor) and any(isinstance(t, torch.Tensor) for t in tree_flatten(a)[0])]
+    if nested:
+        raise NotImplementedError(f"{where} got tensors inside {nested} arguments: pass each tensor as its own "
+                                  "positional or keyword argument, so that its rows can be split into examples")
+    if site.spec is not None:
+        x = args[0] if args else None
+        if kwargs or not isinstance(x, torch.Tensor):
+            raise NotImplementedError(f"{where} must be called with its input as the one positional argument "
+                                      "for its per-group rule")
+        if not site.spec.input_ndim(x.dim()) or x.shape[0] != rows:
+            raise ValueError(f"{where} got an input of shape {tuple(x.shape)} and returned {tuple(output.shape)}: "
+                             "per-example gradients need a batched input with the rows on dim 0")
+        return
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not tensors or rows is None:
+        raise NotImplementedError(f"{where} has no tensor input with rows on dim 0; the torch.func fallback "
+                                  "cannot split it into examples: register a rule for it")
+    bad = [tuple(t.shape) for t in tensors if t.dim() == 0 or t.shape[0] != rows]
+    if bad:
+        raise NotImplementedError(f"{where} (torch.func fallback) got tensor arguments of shapes {bad}, whose "
+                                  f"dim 0 is not the {rows} rows of its output: the fallback treats every tensor "
+                                  "argument as per-row; pass constants as buffers or non-tensor arguments, or "
+                                  "register a rule")

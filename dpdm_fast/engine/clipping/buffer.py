@@ -1,0 +1,60 @@
+"""The flat per-example buffer of one backward pass: a (B, numel) block per parameter, and the norm table."""
+from __future__ import annotations
+
+import torch
+
+from ..profiling import profile_scope
+from .backends import ClipJob
+from .layout import FlatLayout
+
+
+class PerExampleBuffer:
+    """Storage for B examples' per-group gradients (see ``FlatLayout``) and a (params, B) table of their
+    per-parameter norms. The storage grows to the largest B seen and is reused; the block and norm-row
+    views are rebuilt only when B changes."""
+
+    def __init__(self, layout: FlatLayout):
+        self.layout = layout
+        self.storage: torch.Tensor | None = None   # the flat per-example buffer
+        self.blocks: dict = {}                      # id(param) -> its (B, *shape) block, for ``self.B`` examples
+        self.B: int | None = None
+        self.norm_table: torch.Tensor | None = None  # (params, B): per-parameter norms of each example
+        self.norm_rows: dict = {}                   # id(param) -> its (B,) row of the norm table
+        self.written: set[int] = set()              # id(param) of the blocks written in this pass
+
+    def prepare(self, B: int, device: torch.device) -> None:
+        """Blocks and a zeroed norm table for a backward pass of B examples."""
+        layout = self.layout
+        self.written = set()
+        with profile_scope("dpdm_fast.buffer_alloc"):
+            if self.storage is None or self.storage.numel() < B * layout.size:
+                self.storage, self.blocks, self.B = None, {}, None  # free it first: one buffer at peak
+                self.storage = torch.empty(B * layout.size, dtype=torch.float32, device=device)
+            if self.B != B:  # views of the blocks and norm rows, reused while B stays the same
+                self.blocks = {id(p): layout.block(self.storage, p, B) for p in layout.params}
+                self.norm_table = torch.empty(len(layout.params), B, dtype=torch.float32, device=device)
+                self.norm_rows = {id(p): self.norm_table[i] for i, p in enumerate(layout.params)}
+                self.B = B
+            self.norm_table.zero_()  # parameters this pass does not write count as zero
+
+    def mark_written(self, param, name: str) -> None:
+        if id(param) in self.written:
+            raise RuntimeError(f"parameter {name} received two per-group gradients in one backward pass: it "
+                               "is used twice (tied weights, a module called twice, or two forward "
+                               "passes in one loss), which per-example clipping does not support")
+        self.written.add(id(param))
+
+    def clip_job(self, B: int, written: set, scale: float, max_grad_norm: float, backend) -> ClipJob:
+        """The pass's buffer as a job to clip and sum: each example's norm is the norm of its per-parameter
+        norms (scaled as its gradients are); a non-finite one is refused, never clipped."""
+        norms = backend.norms(self.norm_table.t()) * scale
+        if not torch.isfinite(norms).all():
+            bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+            raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
+                                     "batch (NaN/Inf in the loss or the model); refusing to clip them")
+        return ClipJob(self.layout, self.storage, B, [id(p) in written for p in self.layout.params], norms,
+                       max_grad_norm, scale)
+
+
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
