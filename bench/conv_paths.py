@@ -20,8 +20,9 @@ import torch
 
 from dpdm_fast.benchmarks.engines import build_engine
 from dpdm_fast.benchmarks.report import machine_info
-from dpdm_fast.engine import autotune, capture
-from dpdm_fast.engine.rules import conv as conv_rule
+from dpdm_fast.engine import autotune
+from dpdm_fast.engine.capture import rule_runner
+from dpdm_fast.engine.capture.rules import conv as conv_rule
 
 DEFAULT_GRID = "16x1,16x8,64x1,64x2,64x32,256x1,256x8,1024x1,1024x2"
 
@@ -39,7 +40,7 @@ def conv_calls(workload: str, B: int, K: int) -> Counter:
     """(input shape, grad shape, weight shape, stride, padding, dilation, groups) of every Conv2d call
     of one step, with the path the autotuner chose for it."""
     seen: Counter = Counter()
-    original = capture._Site.compute
+    original = rule_runner.compute
 
     def record(site, names, args, kwargs, g, extra=()):
         m = site.module
@@ -47,13 +48,13 @@ def conv_calls(workload: str, B: int, K: int) -> Counter:
             seen[(tuple(args[0].shape), tuple(g.shape), tuple(m.weight.shape), m.stride, m.padding,
                   m.dilation, m.groups)] += 1
         return original(site, names, args, kwargs, g, extra)
-    capture._Site.compute = record
+    rule_runner.compute = record
     try:
         autotune.clear_cache()
         step, _ = build_engine("dpdm_fast", workload, B, K)
         step()
     finally:
-        capture._Site.compute = original
+        rule_runner.compute = original
     return seen
 
 

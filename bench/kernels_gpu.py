@@ -30,7 +30,7 @@ CONV_SHAPES = [(C, H) for C in (32, 64, 128) for H in (28, 14, 7)]
 
 
 def conv_candidates(C: int, H: int, B: int, K: int):
-    from dpdm_fast.engine.rules import conv as conv_rule
+    from dpdm_fast.engine.capture.rules import conv as conv_rule
     from dpdm_fast.kernels.conv_weight_grad import conv2d_weight_grad
     x = torch.randn(B * K, C, H, H, device="cuda")
     g = torch.randn(B * K, C, H, H, device="cuda")

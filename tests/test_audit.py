@@ -122,7 +122,7 @@ def test_with_the_noise_off_the_audit_detects_the_leak(data):
 
 
 def test_a_broken_engine_with_a_tenth_of_the_noise_is_caught(data, monkeypatch):
-    from dpdm_fast.engine.backends import TorchBackend
+    from dpdm_fast.engine.clipping.backends import TorchBackend
     add_noise = TorchBackend.add_noise
     monkeypatch.setattr(TorchBackend, "add_noise", lambda self, out, std, *a: add_noise(self, out, std / 10, *a))
     r = _audit(data)

@@ -44,7 +44,7 @@ def test_all_engines_build_and_step_on_celeba():
 
 def test_cpu_peak_memory_counts_the_per_example_buffer():
     from dpdm_fast.benchmarks.measure import peak_memory_here
-    from dpdm_fast.engine.autotune import force_path
+    from dpdm_fast.engine.capture.autotune import force_path
     plain = peak_memory_here("nonprivate", "mnist", 2, 1, "cpu")
     # The conv path the autotuner picks depends on timings, and the unfold / grouped paths have
     # activation-sized temporaries of their own; the loop path has none, so the extra memory
@@ -66,6 +66,10 @@ def test_isolated_timing_runs_each_engine_in_its_own_process():
 def test_grid_reports_too_slow_and_too_big_cells_instead_of_running_them(tmp_path, monkeypatch):
     """A cell the time or memory budget rules out is in the table and the plot with the reason."""
     from dpdm_fast.benchmarks import runner
+    from dpdm_fast.benchmarks.measure import _summary
+    # injected timings (10 ms per row): the verdicts must not depend on how fast or loaded this machine is
+    monkeypatch.setattr(runner, "time_cell", lambda engines, w, B, K, repeats, device:
+                        {e: _summary([0.01 * B * K] * repeats) for e in engines})
     monkeypatch.setattr(runner.Budget, "_memory_estimate",
                         lambda self, w, e, B, K, params: 10 * 2**30 if e == "opacus_kavg" and B * K > 2 else 0)
     monkeypatch.setattr(runner, "_available_bytes", lambda: 8 * 2**30)
@@ -75,8 +79,9 @@ def test_grid_reports_too_slow_and_too_big_cells_instead_of_running_them(tmp_pat
     assert [(c["B"], c["K"]) for c in result["cells"]][::3] == [(1, 2), (2, 2), (64, 32)]  # by rows
     assert by[(1, 2, "opacus_kavg")]["status"] == "ok"
     assert by[(2, 2, "opacus_kavg")]["status"].startswith("out of memory: not run (~10.0 GiB estimated")
-    for e in ("nonprivate", "dpdm_fast"):   # 2048 rows at the seconds per row of the 4-row cell > 2 s
-        assert by[(64, 32, e)]["status"].startswith("too slow: not run")
+    for e in ("nonprivate", "dpdm_fast"):   # 2048 rows at the seconds per row of the 4-row cell: 20.5 s > 2 s
+        assert by[(64, 32, e)]["status"] == "too slow: not run (~20.5 s per step extrapolated, limit 2 s)"
+    assert by[(2, 2, "dpdm_fast")]["status"] == "ok"     # 4 rows: 0.04 s, within the limit
     paths = write_outputs(result, tmp_path)
     table = paths["table"].read_text()
     assert "| small | 64 | 32 | 2048 | too slow: not run |" in table

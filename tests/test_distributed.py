@@ -135,9 +135,7 @@ def test_epsilon_is_the_same_on_every_rank_and_equals_the_one_process_run(ranks,
 
 @pytest.mark.parametrize("kind", ["setting", "double_backward", "crash", "forward_error", "permuted"])
 def test_a_rank_that_breaks_the_rules_or_dies_stops_every_rank_with_a_clear_error(tmp_path, kind):
-    start = time.time()
-    results = spawn(tmp_path, "refusal", kind=kind)
-    assert time.time() - start < 90
+    results = spawn(tmp_path, "refusal", kind=kind)     # (spawn fails the test on a hang)
     assert all("error" in r for r in results), results
     rank0, rank1 = results
     assert rank0["error"] == "ReplicaError"

@@ -756,7 +756,7 @@ def test_global_forward_hooks_are_refused():
 
 
 def test_secure_mode_refuses_a_non_secure_poisson_loader():
-    from dpdm_fast.engine.poisson import make_poisson_loader
+    from dpdm_fast.engine.sampling.poisson import make_poisson_loader
     prebuilt = make_poisson_loader(DataLoader(_indexed(20), batch_size=4))
     model = fresh(Net)
     with pytest.raises(ValueError, match="secure_mode"):

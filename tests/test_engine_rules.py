@@ -5,7 +5,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpdm_fast.engine.rules import find_rule, functorch_rule
+from dpdm_fast.engine.capture.rules import find_rule, functorch_rule
 from dpdm_fast.models import NIN
 
 SETTINGS = settings(max_examples=12, deadline=None)
@@ -76,7 +76,7 @@ def test_group_norm_rule(B, K, G, per, size):
 @pytest.mark.parametrize("B,K,G,per", [(3, 2, 2, 3), (2, 1, 4, 1), (1, 3, 1, 5)])
 def test_group_norm_rule_with_the_forwards_statistics(B, K, G, per):
     """In the engine the rule reuses the mean and 1/std autograd saved in the forward."""
-    from dpdm_fast.engine.rules.norm import _group_norm_stats
+    from dpdm_fast.engine.capture.rules.norm import _group_norm_stats
     torch.manual_seed(0)
     gn = nn.GroupNorm(G, G * per, eps=1e-5)
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_rows_not_multiple_of_K():
        k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 2), dil=st.integers(1, 2),
        size=st.integers(5, 17), groups=st.sampled_from([1, 2]))
 def test_every_conv2d_path_matches_the_loop(path, B, K, cin, cout, k, stride, pad, dil, size, groups):
-    from dpdm_fast.engine.autotune import force_path
+    from dpdm_fast.engine.capture.autotune import force_path
     if path == "unfold":
         groups = 1  # the unfold path is only a candidate for ungrouped convolutions
     if path == "rows":
@@ -246,7 +246,8 @@ def test_builtin_rules_write_straight_into_the_buffer(monkeypatch):
     """No copy pass: every built-in rule hands back the buffer's own block (the grouped conv path copies
     its result there itself, so that the autotune times that copy too)."""
     from dpdm_fast.engine import autotune
-    from dpdm_fast.engine.collector import GroupGradientCollector, _same_memory
+    from dpdm_fast.engine.clipping.buffer import same_memory as _same_memory
+    from dpdm_fast.engine.clipping.collector import GroupGradientCollector
     from engine_helpers import dpdm_rows, mnist_net, row_losses, zero_noise_engine
     copied = []
     original = GroupGradientCollector.write

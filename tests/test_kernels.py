@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 
 from conftest import DEVICE
-from dpdm_fast.engine.rules.conv import conv2d_rule
-from dpdm_fast.engine.rules.linear import linear_rule
-from dpdm_fast.engine.rules.nin import nin_rule
-from dpdm_fast.engine.rules.norm import group_norm_rule
+from dpdm_fast.engine.capture.rules.conv import conv2d_rule
+from dpdm_fast.engine.capture.rules.linear import linear_rule
+from dpdm_fast.engine.capture.rules.nin import nin_rule
+from dpdm_fast.engine.capture.rules.norm import group_norm_rule
 from dpdm_fast.kernels.clip_noise import TILE, _normal_from_bits, clip_reduce, reference_clip_reduce, tile_table
 from dpdm_fast.kernels.conv_weight_grad import conv2d_weight_grad, reference_conv2d_weight_grad
 from dpdm_fast.kernels.group_gemm import group_gemm, reference_group_gemm
@@ -77,7 +77,7 @@ def test_conv_weight_grad_writes_into_a_buffer_block_and_adds_to_the_norm():
 @pytest.mark.parametrize("B,K,T,fin,fout,dtype", [(2, 3, 1, 7, 5, torch.float32), (1, 1, 1, 33, 17, torch.float32),
                                                   (3, 2, 4, 6, 9, torch.float32), (2, 2, 3, 20, 40, torch.bfloat16)])
 def test_linear_kernels_match_the_torch_rule(B, K, T, fin, fout, dtype):
-    from dpdm_fast.engine.kernel_rules import triton_kernel_rules
+    from dpdm_fast.engine.capture.kernel_rules import triton_kernel_rules
     torch.manual_seed(T * 10 + fin)
     lin = nn.Linear(fin, fout).to(DEVICE)
     shape = (B * K, fin) if T == 1 else (B * K, T, fin)
@@ -94,7 +94,7 @@ def test_linear_kernels_match_the_torch_rule(B, K, T, fin, fout, dtype):
 @pytest.mark.parametrize("B,K,C,O,H,dtype", [(2, 3, 8, 8, 4, torch.float32), (1, 1, 5, 19, 1, torch.float32),
                                              (2, 2, 16, 24, 3, torch.bfloat16)])
 def test_nin_kernels_match_the_torch_rule(B, K, C, O, H, dtype):
-    from dpdm_fast.engine.kernel_rules import triton_kernel_rules
+    from dpdm_fast.engine.capture.kernel_rules import triton_kernel_rules
     torch.manual_seed(C)
     nin = NIN(C, O).to(DEVICE)
     with torch.no_grad():
@@ -124,7 +124,7 @@ def test_group_sum_and_gemm_on_strided_views(N, M, S, K):
                                              (3, 2, 32, 8, 7, torch.float32), (2, 2, 12, 3, 4, torch.bfloat16)])
 @pytest.mark.parametrize("with_stats", [True, False])
 def test_group_norm_kernel_matches_the_torch_rule(B, K, C, G, H, dtype, with_stats):
-    from dpdm_fast.engine.kernel_rules import triton_kernel_rules
+    from dpdm_fast.engine.capture.kernel_rules import triton_kernel_rules
     torch.manual_seed(C + H)
     gn = nn.GroupNorm(G, C).to(DEVICE)
     x = (torch.randn(B * K, C, H, H, device=DEVICE) * 3 + 1).to(dtype)

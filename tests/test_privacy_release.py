@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from dpdm_fast import PrivacyEngine
 from dpdm_fast.checkpoint import load
 from dpdm_fast.config import ConfigError, load_config
-from dpdm_fast.engine.dataset_hash import dataset_fingerprint
+from dpdm_fast.engine.distributed.dataset_hash import dataset_fingerprint
 from dpdm_fast.training import CheckpointError, Trainer, train
 from dpdm_fast.training.loop import legacy_data_fingerprint
 from dpdm_fast.training.privacy_plan import plan_privacy

@@ -32,7 +32,7 @@ dpdataloader_test.py
     (dpdm_fast has no equivalent; its loader inherits them). The test's
     ``assertLogs("opacus.data_loader")`` still applies, since the warnings come from the inherited code.
 poisson_test.py
-    ``UniformWithReplacementSampler`` -> ``dpdm_fast.engine.poisson.PoissonBatchSampler`` (imported
+    ``UniformWithReplacementSampler`` -> ``dpdm_fast.engine.sampling.poisson.PoissonBatchSampler`` (imported
     *as* the Opacus name; dpdm_fast's own Poisson batch sampler, same keyword arguments).
 
 Environment
@@ -103,7 +103,7 @@ REWRITES: list[tuple[str, str, str]] = [
      "from dpdm_fast.engine import PoissonDataLoader as DPDataLoader\n"),
     ("poisson_test.py",
      "from opacus.utils.uniform_sampler import UniformWithReplacementSampler\n",
-     "from dpdm_fast.engine.poisson import PoissonBatchSampler as UniformWithReplacementSampler\n"),
+     "from dpdm_fast.engine.sampling.poisson import PoissonBatchSampler as UniformWithReplacementSampler\n"),
 ]
 
 # Opacus names that must no longer be imported by a swapped file (a check on the table above).
