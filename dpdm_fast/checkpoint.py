@@ -3,7 +3,8 @@
 A checkpoint is a plain dict that ``torch.load(path)`` reads (``weights_only=True`` works): the
 step at its top-level key ``step``, the network (``model``) and EMA (``ema``) state_dicts with the
 published network's keys, the optimizer, the accountant's ledger, every random generator's state,
-the engine's autotune choices, the resolved config and the package version.
+the resolved config, the package version and a keyed data check (the engine's autotune choices,
+timed on private batch sizes, are kept beside it in the workdir's ``private/``).
 """
 from __future__ import annotations
 

@@ -97,7 +97,8 @@ def test_logs_and_console_carry_no_statistic_of_the_private_batches(data, tmp_pa
     assert "loss" not in (out + err) and "ex_s" not in (out + err)
     shared = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
     assert shared <= {"checkpoint.pt", "checkpoints", "samples", "metrics.jsonl", "private"}
-    assert {p.name for p in (tmp_path / "private").iterdir()} == {"data_key", "diagnostics.jsonl", "curves.png"}
+    assert {p.name for p in (tmp_path / "private").iterdir()} == {"data_key", "diagnostics.jsonl", "curves.png",
+                                                                   "autotune.pt"}
 
 
 # -- 2. every step released at most once ---------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_a_run_writes_checkpoint_metrics_samples_and_curves(finished_run):
     assert result.finished and result.step == 14 and result.interrupted is None
     state = torch.load(workdir / "checkpoint.pt")            # plain torch.load, weights_only by default
     assert state["step"] == 14 and state["version"] and state["config"]["loss"]["n_noise_samples"] == 2
-    assert {"model", "ema", "optimizer", "privacy", "rng", "autotune"} <= set(state)
+    assert {"model", "ema", "optimizer", "privacy", "rng", "data_check"} <= set(state)
     assert 0 < state["privacy"]["epsilon"] <= 10.0 and state["privacy"]["epsilon"] == pytest.approx(result.epsilon)
     assert state["privacy"]["epsilon"] == pytest.approx(epsilon_after("rdp", state["privacy"]["plan"]["noise_multiplier"],
                                                                       1 / 7, 14, 1e-3))
@@ -86,7 +86,8 @@ def test_resume_restores_the_autotune_choices(data, tmp_path):
     cfg = tiny_config(data)
     autotune.clear_cache()
     train(cfg, tmp_path, max_steps=2, progress=False)
-    saved = load(tmp_path / "checkpoint.pt")["autotune"]
+    assert "autotune" not in load(tmp_path / "checkpoint.pt")   # timed on private batch sizes: kept in private/
+    saved = load(tmp_path / "private" / "autotune.pt")["autotune"]
     assert saved
     autotune.clear_cache()
     Trainer(cfg, tmp_path, resume=True, progress=False)

@@ -4,7 +4,8 @@
 the first step (sigma calibrated for the whole schedule), every step is a Poisson batch split into
 physical batches of whole examples, and the latest checkpoint always sits at
 ``WORKDIR/checkpoint.pt``. A resumed run continues exactly: the Poisson sampler's, the loss's and
-the noise's generators, the accountant's ledger and the engine's autotune choices are all restored.
+the noise's generators, the accountant's ledger and the engine's autotune choices (kept in
+``private/``) are all restored.
 
 Every step is released at most once: a checkpoint is written at every step whose output (a sample
 grid, a numbered checkpoint) is released, before that output, so a resume never re-draws a released
@@ -40,7 +41,7 @@ from .. import checkpoint as ckpt
 from .ema import EMA
 from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
-from .private_files import MissingDataKey, data_check, data_key
+from .private_files import AUTOTUNE, MissingDataKey, data_check, data_key, private_dir
 from .ranks import Ranks, backend_name, barrier, broadcast_from_main, gather_objects, seed_for_rank
 
 CHECKPOINT = "checkpoint.pt"
@@ -209,6 +210,9 @@ class Trainer:
             raise ckpt.CheckpointError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
         state = ckpt.load(self.ckpt_path, map_location="cpu")
         ckpt.check_training_checkpoint(state, self.ckpt_path, self.config_tree)
+        choices = self.workdir / "private" / AUTOTUNE
+        if "autotune" not in state and choices.is_file():   # (older checkpoints hold them themselves)
+            state["autotune"] = ckpt.load(choices)["autotune"]
         return state
 
     def _build(self, saved: dict | None) -> None:
@@ -349,7 +353,7 @@ class Trainer:
                     "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
                     "world_size": self.ranks.world_size,
                     **({"per_rank": per_rank} if per_rank is not None else {})},
-            "autotune": autotune.state_dict(), "wall_s": wall_s, "data_check": self.data_check,
+            "wall_s": wall_s, "data_check": self.data_check,
         }
 
     def save(self, wall_s: float, numbered: bool = False) -> Path:
@@ -358,6 +362,8 @@ class Trainer:
         if not self.ranks.is_main:
             return self.ckpt_path
         state = self.state_dict(wall_s, per_rank)
+        # the autotune choices first (the checkpoint is what a resume starts from): they stay in private/
+        ckpt.save_atomic({"step": self.step, "autotune": autotune.state_dict()}, private_dir(self.workdir) / AUTOTUNE)
         path = ckpt.save_atomic(state, self.ckpt_path)
         if numbered:
             ckpt.save_atomic(state, self.workdir / "checkpoints" / f"step_{self.step:07d}.pt")

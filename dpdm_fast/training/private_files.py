@@ -5,7 +5,9 @@ A run's workdir splits in two (README: "What a run writes, and what is safe to s
   (step, epoch, eps, learning rate: functions of the public plan and the step count only);
 - ``private/``, which stays on the data's machine: ``diagnostics.jsonl`` and ``curves.png`` (the
   training loss, gradient norms, clipped fraction and batch sizes of the private batches, none of
-  them noised), and ``data_key``, the key of the data check that checkpoints carry.
+  them noised), ``data_key``, the key of the data check that checkpoints carry, and ``autotune.pt``,
+  the engine's path choices (timed on physical batches whose sizes follow the private Poisson
+  batches, so their keys are a function of the data; a resume restores them from here).
 
 The data check: a resume must refuse other data at the same path, so the checkpoint holds a hash of
 the training set; unkeyed, that hash tells a reader which of two candidate datasets was used (eps is
@@ -22,6 +24,7 @@ from ..engine.distributed import dataset_fingerprint
 
 PRIVATE = "private"
 DATA_KEY = "data_key"
+AUTOTUNE = "autotune.pt"
 
 
 class MissingDataKey(FileNotFoundError):
