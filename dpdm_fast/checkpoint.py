@@ -81,8 +81,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(e).splitlines()[0]}). "
-                              "Restore it from a copy (checkpoints/ in the workdir holds numbered ones when "
-                              "train.save_freq is reached), or start a new run in another workdir") from None
+                              "Restore it from a copy of the same step (a resume refuses a checkpoint older than "
+                              "the last released step, whose steps would be drawn again), or start a new run in "
+                              "another workdir") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     return state

@@ -154,6 +154,7 @@ def test_a_rank_that_breaks_the_rules_or_dies_stops_every_rank_with_a_clear_erro
     else:   # the same examples in another order: sharding by position could put one example on both ranks
         assert rank1["error"] == "ReplicaError"
         assert all("disagree on dataset (an order-sensitive hash" in r["message"] for r in results)
+        assert all("values withheld" in r["message"] and "rank 0:" not in r["message"] for r in results)
 
 
 def test_make_private_in_a_multi_process_job_wants_an_explicit_choice_accepts_dpddp_and_refuses_torch_ddp(tmp_path):
@@ -208,7 +209,8 @@ def test_two_rank_training_writes_once_and_resumes_exactly_on_two_ranks_and_on_o
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]       # one set of logs
     state = load(run / "checkpoint.pt")
-    assert state["step"] == 3 and state["rng"]["world_size"] == 2 and len(state["rng"]["per_rank"]) == 2
+    assert state["step"] == 3 and state["rng"]["world_size"] == 2 and "per_rank" not in state["rng"]
+    assert len(load(run / "private" / "resume_state.pt")["streams"]) == 2   # each rank's streams, kept private
     plan = state["privacy"]["plan"]
     assert state["privacy"]["engine"]["accountant"]["history"] == [(plan["noise_multiplier"], plan["sample_rate"], 3)]
     one_process_eps = epsilon_after("rdp", plan["noise_multiplier"], plan["sample_rate"], 3, plan["delta"])
@@ -260,6 +262,7 @@ def test_ranks_on_different_data_refuse_to_start(data, tmp_path):
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], outs
     assert all("the ranks disagree on training data" in out for out in outs)
+    assert all("values withheld" in out for out in outs)   # a hash of the data is not printed into logs
     assert "[rank 1]" in outs[1]
 
 

@@ -85,6 +85,7 @@ def test_a_legacy_checkpoint_with_an_unkeyed_hash_still_resumes_and_then_drops_i
     del state["data_check"]
     state["data_fingerprint"] = legacy_data_fingerprint(trainer.dataset)
     torch.save(state, tmp_path / "checkpoint.pt")
+    os.unlink(tmp_path / "private" / "data_key")     # an older version's workdir has no key: one is made
     train(cfg, tmp_path, max_steps=2, resume=True, progress=False)
     assert "data_fingerprint" not in load(tmp_path / "checkpoint.pt")
 
@@ -98,7 +99,22 @@ def test_logs_and_console_carry_no_statistic_of_the_private_batches(data, tmp_pa
     shared = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*") if p.is_file()}
     assert shared <= {"checkpoint.pt", "checkpoints", "samples", "metrics.jsonl", "private"}
     assert {p.name for p in (tmp_path / "private").iterdir()} == {"data_key", "diagnostics.jsonl", "curves.png",
-                                                                   "autotune.pt"}
+                                                                   "resume_state.pt", "released_step"}
+
+
+def test_nothing_in_the_checkpoint_follows_the_private_batch_sizes(tmp_path):
+    """Secure mode, public size 200, datasets of 199 and 201 examples (seeded alike): the checkpoints' rng
+    entries are equal. The loss's and torch's generators advance with every example, so they (and the autotune
+    choices, keyed by batch sizes) are kept in private/, not in the checkpoint."""
+    rngs = []
+    for n in (199, 201):
+        folder = tiny_mnist(tmp_path / f"data{n}", n_train=n)
+        cfg = tiny_config(folder, **{"data.public_size": 200, "dp.secure_mode": "true", "train.snapshot_freq": 1000})
+        train(cfg, tmp_path / f"run{n}", max_steps=2, progress=False)
+        state = load(tmp_path / f"run{n}" / "checkpoint.pt")
+        assert "autotune" not in state and set(state["rng"]) == {"poisson", "noise", "world_size"}
+        rngs.append(state["rng"])
+    assert torch.equal(rngs[0]["poisson"], rngs[1]["poisson"]) and rngs[0]["noise"] is rngs[1]["noise"] is None
 
 
 # -- 2. every step released at most once ---------------------------------------------------------------
@@ -129,6 +145,14 @@ def test_a_checkpoint_precedes_every_released_grid_so_a_resume_never_redraws_it(
     resumed = Trainer(cfg, tmp_path, resume=True, max_steps=8, progress=False)
     assert resumed.step == 3     # step 3 is not drawn again
     assert (tmp_path / "checkpoints" / "step_0000002.pt").exists()
+
+
+def test_a_resume_from_an_older_checkpoint_than_a_released_step_is_refused(data, tmp_path):
+    cfg = tiny_config(data, **{"train.snapshot_freq": 1000, "train.save_freq": 2})
+    train(cfg, tmp_path, max_steps=4, progress=False)
+    os.replace(tmp_path / "checkpoints" / "step_0000002.pt", tmp_path / "checkpoint.pt")   # "restore from a copy"
+    with pytest.raises(CheckpointError, match="already released the output of step 4"):
+        Trainer(cfg, tmp_path, resume=True, progress=False)
 
 
 # -- 3. only upper-bound accountants calibrate ---------------------------------------------------------

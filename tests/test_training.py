@@ -87,7 +87,7 @@ def test_resume_restores_the_autotune_choices(data, tmp_path):
     autotune.clear_cache()
     train(cfg, tmp_path, max_steps=2, progress=False)
     assert "autotune" not in load(tmp_path / "checkpoint.pt")   # timed on private batch sizes: kept in private/
-    saved = load(tmp_path / "private" / "autotune.pt")["autotune"]
+    saved = load(tmp_path / "private" / "resume_state.pt")["autotune"]
     assert saved
     autotune.clear_cache()
     Trainer(cfg, tmp_path, resume=True, progress=False)

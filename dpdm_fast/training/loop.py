@@ -41,7 +41,8 @@ from .. import checkpoint as ckpt
 from .ema import EMA
 from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
-from .private_files import AUTOTUNE, MissingDataKey, data_check, data_key, private_dir
+from .private_files import (data_check, data_key, mark_released, read_resume_state, released_step,
+                            write_resume_state)
 from .ranks import Ranks, backend_name, barrier, broadcast_from_main, gather_objects, seed_for_rank
 
 CHECKPOINT = "checkpoint.pt"
@@ -210,9 +211,18 @@ class Trainer:
             raise ckpt.CheckpointError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
         state = ckpt.load(self.ckpt_path, map_location="cpu")
         ckpt.check_training_checkpoint(state, self.ckpt_path, self.config_tree)
-        choices = self.workdir / "private" / AUTOTUNE
-        if "autotune" not in state and choices.is_file():   # (older checkpoints hold them themselves)
-            state["autotune"] = ckpt.load(choices)["autotune"]
+        released = released_step(self.workdir)
+        if int(state["step"]) < released:
+            raise ckpt.CheckpointError(f"{self.ckpt_path} is at step {state['step']}, but this run has already released "
+                                       f"the output of step {released} (a checkpoint or a sample grid): resuming from "
+                                       "it would draw steps that were released once again, with fresh noise in secure "
+                                       "mode, while the accountant counts each once. Resume from the checkpoint of "
+                                       f"step {released} or later, or start a new run")
+        # the part of the checkpoint that depends on the private batch sizes is kept in private/ (older checkpoints
+        # hold it themselves)
+        private, self.private_note = read_resume_state(self.workdir, int(state["step"]))
+        if private is not None:
+            state["autotune"], state["streams"] = private["autotune"], private["streams"]
         return state
 
     def _build(self, saved: dict | None) -> None:
@@ -225,17 +235,22 @@ class Trainer:
         problem = self._check_data(saved) if ranks.is_main else None
         self.replicas = Replicas.current() if ranks.distributed else None
         if self.replicas is not None:
-            try:   # the ranks' own comparison of their data (exchanged between them, never written)
-                self.replicas.agree({"ok": float(problem is None),
-                                     "config": exact_float(_config_hash(self.config_tree)),
-                                     "training data (a hash of its images and labels)":
-                                         exact_float(dataset_fingerprint(self.dataset))},
-                                    device, "the start of the run")
+            # the ranks' own comparison of their data (exchanged between them, never written or printed); any
+            # failure before it is announced there (ok = 0), so that no rank waits for the others' collective
+            try:
+                fingerprint = exact_float(dataset_fingerprint(self.dataset))
+            except Exception as e:   # noqa: BLE001
+                problem, fingerprint = problem or e, 0.0
+            try:
+                self.replicas.agree({"ok": float(problem is None), "config": exact_float(_config_hash(self.config_tree)),
+                                     "training data (a hash of its images and labels)": fingerprint},
+                                    device, "the start of the run",
+                                    withheld=("training data (a hash of its images and labels)",))
             except ReplicaError:
                 if problem is None:
                     raise
         if problem is not None:
-            raise ckpt.CheckpointError(problem)
+            raise problem
         torch.manual_seed(seeds["init"])   # (the engine broadcasts rank 0's initial weights anyway)
         self.model = build_model(cfg).to(device)
         self.network = self.model.model
@@ -272,13 +287,14 @@ class Trainer:
         if saved is not None:
             self._restore(saved)
 
-    def _check_data(self, saved: dict | None) -> str | None:
-        """Rank 0: the keyed data check for checkpoints (a new run makes the key), and on resume whether the
-        data is the run's (a reason to refuse, or None)."""
+    def _check_data(self, saved: dict | None) -> Exception | None:
+        """Rank 0: the keyed data check for checkpoints (a new run, or the first resume of a checkpoint of an
+        older version, makes the key), and on resume whether the data is the run's (the error, or None)."""
         try:
-            self.data_check = data_check(self.dataset, data_key(self.workdir, create=saved is None))
-        except MissingDataKey as e:
-            return str(e)
+            key = data_key(self.workdir, create=saved is None or "data_check" not in saved)
+            self.data_check = data_check(self.dataset, key)
+        except Exception as e:   # noqa: BLE001 (in a distributed run the other ranks must hear of it)
+            return e
         if saved is None:
             return None
         if "data_check" in saved:
@@ -287,9 +303,10 @@ class Trainer:
             same = saved.get("data_fingerprint") == legacy_data_fingerprint(self.dataset)
         if same:
             return None
-        return (f"{self.ckpt_path}: the training data at {self.cfg.data.path} is not the data this run was trained on "
-                "(different examples or labels): the guarantee is for one dataset, so the run cannot continue on "
-                "another; start a new run")
+        return ckpt.CheckpointError(
+            f"{self.ckpt_path}: the training data at {self.cfg.data.path} is not the data this run was trained on "
+            "(different examples or labels): the guarantee is for one dataset, so the run cannot continue on "
+            "another; start a new run")
 
     def _restore(self, state: dict) -> None:
         plan = self.plan
@@ -319,16 +336,19 @@ class Trainer:
             self.noise_gen.set_state(rng["noise"])
         saved_world = int(rng.get("world_size", 1))
         ranks = self.ranks
-        if saved_world == ranks.world_size:
-            own = rng["per_rank"][ranks.rank] if saved_world > 1 else rng
-            self.loss_gen.set_state(own["loss"])
-            torch.set_rng_state(own["torch"])
-        else:   # another number of ranks: each rank's loss noise and dropout streams start afresh from the seed
+        streams = state.get("streams")   # from private/ (checkpoints of older versions: in their rng entry)
+        if streams is None and "loss" in rng:
+            streams = rng.get("per_rank") or [{"loss": rng["loss"], "torch": rng["torch"]}]
+        if streams is not None and len(streams) == ranks.world_size:
+            self.loss_gen.set_state(streams[ranks.rank]["loss"])
+            torch.set_rng_state(streams[ranks.rank]["torch"])
+        else:   # another number of ranks, or no private state: the loss noise and dropout streams start afresh
             self.loss_gen.manual_seed(seed_for_rank(self.seeds["loss"], ranks.rank, step, ranks.world_size))
             torch.manual_seed(seed_for_rank(self.seeds["init"], ranks.rank, step, ranks.world_size))
-            self.resume_note = (f"resuming a run of {saved_world} process(es) on {ranks.world_size}: the Poisson "
-                                "batches and the DP noise continue exactly; each rank's diffusion-noise and dropout "
-                                "streams are re-derived from the seed")
+            why = (f"resuming a run of {saved_world} process(es) on {ranks.world_size}" if streams is not None
+                   else f"no private resume state ({getattr(self, 'private_note', None) or 'not sent'})")
+            self.resume_note = (f"{why}: the Poisson batches and the DP noise continue exactly; each rank's "
+                                "diffusion-noise and dropout streams are re-derived from the seed")
         autotune.load_state_dict(state.get("autotune", []))
         self.step, self.wall_before = step, float(state.get("wall_s", 0.0))
 
@@ -340,8 +360,9 @@ class Trainer:
     def _own_rng(self) -> dict:
         return {"loss": self.loss_gen.get_state(), "torch": torch.get_rng_state()}
 
-    def state_dict(self, wall_s: float, per_rank: list | None = None) -> dict:
-        """The checkpoint; ``per_rank``: every rank's own generator states (a distributed run's)."""
+    def state_dict(self, wall_s: float) -> dict:
+        """The checkpoint (what may be released: nothing in it depends on the private batch sizes; the
+        generators it holds advance by data-independent amounts per step)."""
         return {
             "format": ckpt.FORMAT, "version": dpdm_fast.__version__, "step": self.step, "config": self.config_tree,
             "model": {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()},
@@ -349,24 +370,26 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "privacy": {"engine": self.engine.state_dict(), "plan": self.plan.as_dict(),
                         "epsilon": self._epsilon()},
-            "rng": {"poisson": self.poisson_gen.get_state(), **self._own_rng(),
+            "rng": {"poisson": self.poisson_gen.get_state(),
                     "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
-                    "world_size": self.ranks.world_size,
-                    **({"per_rank": per_rank} if per_rank is not None else {})},
+                    "world_size": self.ranks.world_size},
             "wall_s": wall_s, "data_check": self.data_check,
         }
 
     def save(self, wall_s: float, numbered: bool = False) -> Path:
-        """Rank 0 writes the checkpoint (every rank calls this: it gathers their generator states)."""
-        per_rank = gather_objects(self._own_rng()) if self.ranks.distributed else None
+        """Rank 0 writes the checkpoint (every rank calls this: it gathers their generator states). Order: the
+        private resume state, the checkpoint, its numbered copy, then the record that this step is released."""
+        streams = gather_objects(self._own_rng()) if self.ranks.distributed else [self._own_rng()]
         if not self.ranks.is_main:
             return self.ckpt_path
-        state = self.state_dict(wall_s, per_rank)
-        # the autotune choices first (the checkpoint is what a resume starts from): they stay in private/
-        ckpt.save_atomic({"step": self.step, "autotune": autotune.state_dict()}, private_dir(self.workdir) / AUTOTUNE)
+        state = self.state_dict(wall_s)
+        # the loss / torch generators advance with every physical batch and example, and the autotune keys are
+        # bucketed physical batch sizes: functions of the private batch sizes, so they stay in private/
+        write_resume_state(self.workdir, self.step, {"autotune": autotune.state_dict(), "streams": streams})
         path = ckpt.save_atomic(state, self.ckpt_path)
         if numbered:
             ckpt.save_atomic(state, self.workdir / "checkpoints" / f"step_{self.step:07d}.pt")
+        mark_released(self.workdir, self.step)
         return path
 
     # -- snapshots ----------------------------------------------------------------------------

@@ -100,12 +100,11 @@ def agree_at_wrap(replicas: Replicas, module: nn.Module, private: PrivateModule,
     """Every replica starts from rank 0's parameters, and the ranks agree on the mechanism and the data."""
     replicas.broadcast_module(module)
     dataset = wrapped.loader.dataset
+    data_hash = ("dataset (an order-sensitive hash: every rank must hold the same examples in the same order)")
     replicas.agree({**settings, "sample rate": wrapped.sample_rate, "dataset size": len(dataset),
-                    "expected batch size": wrapped.divisor,
-                    "dataset (an order-sensitive hash: every rank must hold the same examples in the same "
-                    "order)": exact_float(dataset_fingerprint(dataset)),
+                    "expected batch size": wrapped.divisor, data_hash: exact_float(dataset_fingerprint(dataset)),
                     "trainable parameters": private.collector.layout.size},
-                   private.collector.layout_device, "make_private")
+                   private.collector.layout_device, "make_private", withheld=("dataset size", data_hash))
 
 
 def replicas_for(module: nn.Module, distributed: bool | None) -> tuple[nn.Module, Replicas | None]:

@@ -57,7 +57,7 @@ def _hash_items(digest, dataset) -> None:
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+            torch.default_generator.manual_seed(0)   # (the CPU generator only: CUDA's are left as they are)
             random.seed(0)
             np.random.seed(0)
             for i in range(len(dataset)):

@@ -90,9 +90,11 @@ class Replicas:
             raise collective_failed(self.rank, "step check", e) from e
         return torch.stack(table).cpu()
 
-    def agree(self, values: dict[str, float], device: torch.device, context: str) -> None:
+    def agree(self, values: dict[str, float], device: torch.device, context: str, withheld: tuple = ()) -> None:
         """Every rank passes the same names; raises on every rank when any value differs between ranks.
-        A value ``ok`` = 0 means that rank refused (its own error explains why)."""
+        A value ``ok`` = 0 means that rank refused (its own error explains why). The values of the names in
+        ``withheld`` (functions of the training data: a hash, the dataset's size) are never put in the
+        error, which ends up in logs: it says which ranks differ, not how."""
         names = list(values)
         table = self.gather([float(values[n]) for n in names], device)
         if "ok" in values:
@@ -103,7 +105,11 @@ class Replicas:
         for i, name in enumerate(names):
             column = table[:, i]
             if not torch.equal(column, column[:1].expand_as(column)):
-                per_rank = ", ".join(f"rank {r}: {column[r].item():.17g}" for r in range(self.world_size))
+                if name in withheld:
+                    per_rank = "ranks " + ", ".join(str(r) for r in range(self.world_size) if column[r] != column[0])
+                    per_rank += " differ from rank 0; values withheld: they are derived from the training data"
+                else:
+                    per_rank = ", ".join(f"rank {r}: {column[r].item():.17g}" for r in range(self.world_size))
                 raise ReplicaError(f"the ranks disagree on {name} at {context} ({per_rank}): every rank must run "
                                    "the same configuration and change settings identically (a setting changed on "
                                    "one rank, or parameters that drifted apart, would leave the printed "
