@@ -33,8 +33,7 @@ from ..config import to_plain, validate_counts
 from ..data import build_dataset
 from ..diffusion import build_loss
 from ..engine import BatchMemoryManager, autotune
-from ..engine.distributed import dataset_fingerprint
-from ..engine.distributed import ReplicaError, Replicas, exact_float
+from ..engine.distributed import ReplicaError, Replicas, dataset_fingerprint, exact_float
 from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
@@ -159,6 +158,7 @@ class Trainer:
         self.config_tree = to_plain(cfg)
         self.ranks = Ranks.current()
         self.ckpt_path = self.workdir / CHECKPOINT
+        self.private_note: str | None = None   # why a resume found no private resume state (rank 0 only)
         saved = self._checkpoint_on_every_rank(resume)
 
         self.dataset = build_dataset(cfg.data.name, cfg.data.path) if cfg.data.path else None
@@ -346,7 +346,7 @@ class Trainer:
             self.loss_gen.manual_seed(seed_for_rank(self.seeds["loss"], ranks.rank, step, ranks.world_size))
             torch.manual_seed(seed_for_rank(self.seeds["init"], ranks.rank, step, ranks.world_size))
             why = (f"resuming a run of {saved_world} process(es) on {ranks.world_size}" if streams is not None
-                   else f"no private resume state ({getattr(self, 'private_note', None) or 'not sent'})")
+                   else f"no private resume state ({self.private_note or 'not sent'})")
             self.resume_note = (f"{why}: the Poisson batches and the DP noise continue exactly; each rank's "
                                 "diffusion-noise and dropout streams are re-derived from the seed")
         autotune.load_state_dict(state.get("autotune", []))
