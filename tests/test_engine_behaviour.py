@@ -237,29 +237,6 @@ def test_rows_not_divisible_by_k():
         row_losses(model, *expand(x, y, 2)).mean().backward()
 
 
-def test_tied_weights_refused():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3)
-            self.b = nn.Linear(3, 3)
-            self.b.weight = self.a.weight
-    with pytest.raises(ValueError, match="tied"):
-        PrivateModule(Tied())
-
-
-def test_module_called_twice_refused():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.a(self.a(x))
-    with pytest.raises(RuntimeError, match="called twice"):
-        PrivateModule(Twice())(torch.randn(2, 3))
-
-
 def test_batchnorm_refused():
     with pytest.raises(ValueError, match="BatchNorm"):
         PrivateModule(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))

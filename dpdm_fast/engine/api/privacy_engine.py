@@ -80,16 +80,17 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
         neighbours q reveals it); the divisor is the loader's ``batch_size`` either way, never the
         realised N q (Opacus's divisor, which reveals N through the scale of the noise).
         """
-        refuse_unsupported(kwargs, clipping, batch_first, grad_sample_mode, rand_on_empty)
+        refuse_unsupported(kwargs, clipping, grad_sample_mode, rand_on_empty)
         if noise_generator is not None and self.secure_mode:
             raise ValueError("passing noise_generator is prohibited in secure mode")
         module, replicas = replicas_for(module, distributed)
         module = plain_model(module, optimizer)
         private = PrivateModule(module, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm,
                                 loss_reduction=loss_reduction, backend=backend, strict=strict,
-                                allow_direct_calls=not wrap_model)
+                                allow_direct_calls=not wrap_model, batch_first=batch_first)
         wrapped = private_loader(data_loader, poisson_sampling=poisson_sampling, secure_mode=self.secure_mode,
-                                 replicas=replicas, public_dataset_size=public_dataset_size)
+                                 replicas=replicas, public_dataset_size=public_dataset_size,
+                                 batch_first=batch_first)
         data_loader, sample_rate = wrapped.loader, wrapped.sample_rate
         if self.dataset is not None and self.dataset is not data_loader.dataset:
             warnings.warn("PrivacyEngine got a new dataset: accounting is per dataset; use a new PrivacyEngine "

@@ -42,7 +42,7 @@ class PrivateModule(nn.Module):
 
     def __init__(self, module: nn.Module, *, noise_multiplicity: int = 1, max_grad_norm: float = 1.0,
                  loss_reduction: str = "mean", backend: str = "auto", strict: bool = False,
-                 allow_direct_calls: bool = False):
+                 allow_direct_calls: bool = False, batch_first: bool = True):
         super().__init__()
         if isinstance(module, PrivateModule):
             raise ValueError("the module is already a PrivateModule: pass its plain model (private.remove_hooks())")
@@ -53,14 +53,18 @@ class PrivateModule(nn.Module):
         self.collector = GroupGradientCollector(FlatLayout(self.trainable), noise_multiplicity,
                                                 max_grad_norm, loss_reduction, backend)
         device = self.trainable[0].device if self.trainable else None
-        self._state = ForwardState(self.collector, device)
+        self._state = ForwardState(self.collector, device, batch_first)
         self._names = {id(p): n for n, p in module.named_parameters()}
         self._closed = False
         self._handles = []
         self._sites: list = []
         layout_ids = set(self.collector.layout.slots)
         for name, sub in module.named_modules():
-            own = {n: p for n, p in sub.named_parameters(recurse=False) if id(p) in layout_ids}
+            # A parameter that a submodule also owns is an alias there (Opacus's DPLSTM re-registers its
+            # cells' weights under nn.LSTM's names): the submodule's hooks see its uses. A direct use by the
+            # outer module would give it an ordinary gradient, which the post-accumulate hook refuses.
+            inner = {id(p) for child in sub.children() for p in child.parameters()}
+            own = {n: p for n, p in sub.named_parameters(recurse=False) if id(p) in layout_ids and id(p) not in inner}
             if not own:
                 continue
             site = LayerSite(self._state, name, sub, own, strict)

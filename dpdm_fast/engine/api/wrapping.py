@@ -15,14 +15,12 @@ from ..sampling import make_poisson_loader, make_recording_loader
 from .private_module import PrivateModule
 
 
-def refuse_unsupported(kwargs: dict, clipping: str, batch_first: bool, grad_sample_mode, rand_on_empty: bool) -> None:
+def refuse_unsupported(kwargs: dict, clipping: str, grad_sample_mode, rand_on_empty: bool) -> None:
     """Opacus arguments this engine does not implement: an error (or, for the mode, a warning), never ignored."""
     if kwargs:
         raise TypeError(f"make_private got unsupported arguments {sorted(kwargs)}")
     if clipping != "flat":
         raise NotImplementedError(f"clipping={clipping!r}: only flat (all-parameter) clipping is implemented")
-    if not batch_first:
-        raise NotImplementedError("batch_first=False is not supported: rows must be on dim 0")
     if grad_sample_mode not in (None, "hooks"):
         warnings.warn(f"grad_sample_mode={grad_sample_mode!r} is ignored: dpdm_fast always computes "
                       "per-group gradients with its own rules", stacklevel=3)
@@ -53,14 +51,15 @@ class PrivateLoader:
 
 
 def private_loader(data_loader: DataLoader, *, poisson_sampling: bool, secure_mode: bool,
-                   replicas: Replicas | None, public_dataset_size: int | None) -> PrivateLoader:
+                   replicas: Replicas | None, public_dataset_size: int | None,
+                   batch_first: bool = True) -> PrivateLoader:
     """Poisson loader (or, without Poisson sampling, a recording one) with q and the divisor from public
     numbers (see ``PrivacyEngine.make_private``)."""
     check_public_size(public_dataset_size)
     if poisson_sampling:
         requested = getattr(data_loader, "requested_batch_size", None) or data_loader.batch_size
         loader = make_poisson_loader(data_loader, secure_mode=secure_mode, shard=shard(replicas),
-                                     public_dataset_size=public_dataset_size)
+                                     public_dataset_size=public_dataset_size, batch_first=batch_first)
         loader.requested_batch_size = requested
         sample_rate = loader.sample_rate     # exactly the rate the sampler uses
     else:

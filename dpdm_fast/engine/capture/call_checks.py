@@ -20,12 +20,13 @@ def check_still_the_rules_layer(site, module) -> None:
 
 def check_call(site, args, kwargs, output) -> None:
     """The layer's rows are the model's rows, and its tensors are arguments the rule can split."""
-    rows = output.shape[0] if output.dim() else None
+    dim = site.batch_dim
+    rows = output.shape[dim] if output.dim() > dim else None
     where = f"{site.name!r} ({type(site.module).__name__})"
     model_rows = site.state.rows
     if not in_backward() and model_rows is not None and rows != model_rows:
         raise ValueError(f"{where} returned {rows} rows, but the private module was called with {model_rows}: "
-                         "every layer with trainable parameters must keep the model's rows on dim 0 (a layer "
+                         "every layer with trainable parameters must keep the model's rows on its batch dimension (a layer "
                          "applied to (N*T, D) reshaped from (N, T, D), or to a tensor without the batch "
                          "dimension such as torch.arange(T), would mix examples); reshape around it instead")
     nested = [type(a).__name__ for a in (*args, *kwargs.values())
@@ -38,17 +39,17 @@ def check_call(site, args, kwargs, output) -> None:
         if kwargs or not isinstance(x, torch.Tensor):
             raise NotImplementedError(f"{where} must be called with its input as the one positional argument "
                                       "for its per-group rule")
-        if not site.spec.input_ndim(x.dim()) or x.shape[0] != rows:
+        if not site.spec.input_ndim(x.dim()) or x.dim() <= dim or x.shape[dim] != rows:
             raise ValueError(f"{where} got an input of shape {tuple(x.shape)} and returned {tuple(output.shape)}: "
-                             "per-example gradients need a batched input with the rows on dim 0")
+                             f"per-example gradients need a batched input with the rows on dim {dim}")
         return
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     if not tensors or rows is None:
         raise NotImplementedError(f"{where} has no tensor input with rows on dim 0; the torch.func fallback "
                                   "cannot split it into examples: register a rule for it")
-    bad = [tuple(t.shape) for t in tensors if t.dim() == 0 or t.shape[0] != rows]
+    bad = [tuple(t.shape) for t in tensors if t.dim() <= dim or t.shape[dim] != rows]
     if bad:
         raise NotImplementedError(f"{where} (torch.func fallback) got tensor arguments of shapes {bad}, whose "
-                                  f"dim 0 is not the {rows} rows of its output: the fallback treats every tensor "
+                                  f"dim {dim} is not the {rows} rows of its output: the fallback treats every tensor "
                                   "argument as per-row; pass constants as buffers or non-tensor arguments, or "
                                   "register a rule")

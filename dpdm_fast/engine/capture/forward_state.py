@@ -16,13 +16,16 @@ class ForwardState:
     autograd will run the engine's part of the graph (a full ``backward()``) or only input gradients.
     """
 
-    def __init__(self, collector, device: torch.device | None):
-        self.collector = collector                 # where the layers' rules write (GroupGradientCollector)
+    def __init__(self, collector, device: torch.device | None, batch_first: bool = True):
+        self.collector = collector
+        self.batch_dim = 0 if batch_first else 1   # the model's batch dimension (make_private's batch_first)                 # where the layers' rules write (GroupGradientCollector)
         self.trigger = torch.zeros((), device=device, requires_grad=True)
         self.trigger_node = torch.autograd.graph.get_gradient_edge(self.trigger).node
+        self.forward_id = 0                        # counts the model's training forwards (one per batch)
         self.calls: set[int] = set()               # id(layer) of the layers run in this forward
         self.frozen: dict[int, list] = {}          # id(layer) -> its parameters frozen while it runs
+        self.held: dict[int, str] = {}             # id(param) -> the running layer that froze it
         self.depth = 0                             # nesting of forward calls of the wrapped model
         self.via_wrapper = 0                       # forward calls that came through PrivateModule.forward
-        self.rows: int | None = None               # rows (dim 0) of this forward's batch
+        self.rows: int | None = None               # rows (on batch_dim) of this forward's batch
         self.in_rule = False                       # a rule is running (its own module calls are not taps)

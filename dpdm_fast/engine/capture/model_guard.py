@@ -37,16 +37,19 @@ class ModelGuard:
                                "(or private.remove_hooks() to get the plain model back); under "
                                "torch.no_grad() the model can be used as is, e.g. for sampling")
         state.calls.clear()
+        state.forward_id += 1
         self._check_structure()
         self._check_trainable()
         if _module_globals._global_forward_hooks:
             raise RuntimeError("global module forward hooks are registered (torch.nn.modules.module."
                                "register_module_forward_hook); they run before the engine's hooks and can change a "
                                "layer's output behind its rule's back: remove them while training privately")
-        state.rows = next((t.shape[0] for t in tree_flatten((args, kwargs))[0]
-                           if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        dim = state.batch_dim
+        state.rows = next((t.shape[dim] for t in tree_flatten((args, kwargs))[0]
+                           if isinstance(t, torch.Tensor) and t.dim() > dim), None)
         if state.rows is None:
-            raise ValueError("the private module must be called with the batch as a tensor argument (rows on dim 0)")
+            raise ValueError(f"the private module must be called with the batch as a tensor argument (rows on dim "
+                             f"{dim}, as make_private's batch_first says)")
         self._buffer_versions = {n: b._version for n, b in module.named_buffers()}
         return None
 
@@ -82,6 +85,7 @@ class ModelGuard:
             for p in frozen:
                 p.requires_grad_(True)
         self.state.frozen.clear()
+        self.state.held.clear()
 
     def _check_trainable(self) -> None:
         collector = self.state.collector

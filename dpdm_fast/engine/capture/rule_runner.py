@@ -7,11 +7,15 @@ import torch
 from .rules import functorch_rule
 
 
-def compute(site, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor, extra: tuple = ()) -> None:
+def compute(site, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor, extra: tuple = (),
+            forward: int | None = None) -> None:
     """Write the per-group gradients of ``site``'s parameters ``names`` for this call into the buffer."""
     state = site.state
     collector = state.collector
-    if collector.begin(grad_out.shape[0], grad_out.device) == 0:
+    if site.batch_dim:   # sequence-first (batch_first=False): rules take the rows on dim 0
+        args, kwargs, grad_out = _rows_first(args, kwargs, grad_out, site.batch_dim)
+        extra = ()       # (statistics saved in the forward's layout: the rule recomputes them)
+    if collector.begin(grad_out.shape[0], grad_out.device, forward) == 0:
         for n in names:
             collector.write(site.params[n], grad_out.new_zeros(0, *site.params[n].shape), site.full_name(n))
         return
@@ -20,16 +24,19 @@ def compute(site, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor
     cast = lambda a: a.to(grad_out.dtype) if (isinstance(a, torch.Tensor) and a.is_floating_point()  # noqa: E731
                                              and a.dtype != grad_out.dtype) else a
     args = tuple(cast(a) for a in args)
+    # A parameter used again in this backward (a layer run at several time steps, tied weights): its block
+    # already holds the other uses' gradients, so this use's are computed apart and added to it (``write``).
+    first_use = not any(collector.written(site.params[n]) for n in names)
     state.in_rule = True
     try:
         if site.spec is None:
             per_group = functorch_rule(site.module, args, grad_out, collector.K,
                                        {k: cast(v) for k, v in kwargs.items()})
-        elif site.kernel is not None and _run_kernel(site, names, args, grad_out, extra):
+        elif site.kernel is not None and first_use and _run_kernel(site, names, args, grad_out, extra):
             return
         else:
             options = {"saved": extra or None} if site.spec.save is not None else {}
-            if site.spec.writes_out and grad_out.dtype == torch.float32:
+            if site.spec.writes_out and grad_out.dtype == torch.float32 and first_use:
                 # the rule writes straight into the buffer's blocks (no copy pass)
                 options["out"] = {n: collector.target(site.params[n]) for n in names}
             per_group = site.spec.rule(site.module, args, grad_out, collector.K, **options)
@@ -52,3 +59,9 @@ def _run_kernel(site, names: list, args: tuple, grad_out: torch.Tensor, extra: t
     for n, p in zip(names, params):
         collector.written_by_kernel(p, site.full_name(n))
     return True
+
+
+def _rows_first(args: tuple, kwargs: dict, grad_out: torch.Tensor, dim: int) -> tuple:
+    """The call's tensors with their rows (on ``dim``) moved to dim 0, contiguous as the rules expect."""
+    move = lambda t: t.movedim(dim, 0).contiguous() if isinstance(t, torch.Tensor) and t.dim() > dim else t  # noqa: E731
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}, move(grad_out)

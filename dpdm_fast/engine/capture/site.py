@@ -36,6 +36,9 @@ class LayerSite:
                                           "or pass strict=False to use the slower torch.func fallback")
             warnings.warn(message + "; using the torch.func (vmap) fallback, which is slower")
         self.spec = spec
+        # The dimension of its inputs and output that holds the rows: the model's (make_private's batch_first),
+        # except for Opacus's RNNLinear, which DPLSTM/DPGRU/DPRNN call once per time step on (rows, features).
+        self.batch_dim = 0 if _per_time_step(module) else state.batch_dim
         # the backend's fused kernel for this layer, where it has one (the torch rule stays the reference)
         backend = state.collector.backend
         self.kernel = kernel_rules_for(backend).get(spec.cls) if spec is not None else None
@@ -68,13 +71,17 @@ class LayerSite:
                                    "gradients enabled: call the private module that make_private returned (or "
                                    "private.remove_hooks() to get the plain model back); under torch.no_grad() "
                                    "the wrapped model can be used as is, e.g. for sampling")
-            if id(module) in state.calls:
-                raise RuntimeError(f"module {self.name!r} was called twice in one forward pass: its parameters "
-                                   "would be used twice, which per-example clipping does not support")
-            state.calls.add(id(module))
+            state.calls.add(id(module))   # (a layer may run several times: its uses' gradients add up)
+        nested = [self.full_name(n) for n, p in self.params.items() if id(p) in state.held]
+        if nested:
+            raise NotImplementedError(f"{self.name!r} ran inside the forward of a layer that uses the same "
+                                      f"parameters {nested[:3]} (a module calling itself, or a tied weight used "
+                                      "by a submodule of its owner): the outer layer's rule would count the inner "
+                                      "use again; call the layers one after the other instead")
         frozen = [p for p in self.params.values() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
+            state.held[id(p)] = self.name
         state.frozen[id(module)] = frozen
         return None
 
@@ -84,6 +91,7 @@ class LayerSite:
             return None
         for p in frozen:
             p.requires_grad_(True)
+            self.state.held.pop(id(p), None)
         if output is None or not frozen:   # forward raised, or every parameter is frozen by the user
             return None
         if not isinstance(output, torch.Tensor):
@@ -97,5 +105,14 @@ class LayerSite:
         if self.spec is not None and self.spec.save is not None:
             saved += [t.detach() for t in self.spec.save(module, args, output) or ()]
         call = Call(self, names, [TENSOR if isinstance(a, torch.Tensor) else a for a in args],
-                    {k: TENSOR if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+                    {k: TENSOR if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+                    None if in_backward() else self.state.forward_id)
         return Tap.apply(output, self.state.trigger, call, *saved)
+
+
+def _per_time_step(module: nn.Module) -> bool:
+    try:
+        from opacus.layers.dp_rnn import RNNLinear
+    except ImportError:   # pragma: no cover (opacus is a dependency)
+        return False
+    return isinstance(module, RNNLinear)

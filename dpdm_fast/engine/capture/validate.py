@@ -40,18 +40,6 @@ def compatibility_errors(module: nn.Module) -> list[str]:
                           "spectral_norm, whose weight is computed from other parameters outside the layer's "
                           "forward; remove it (torch.nn.utils.parametrize.remove_parametrizations(..., "
                           "leave_parametrized=True)) or write the reparametrisation inside a module's forward")
-    # Tied weights: one parameter owned by two different modules (one module registered under two
-    # names, as Opacus's DPRNN does, is one owner and is fine).
-    owners: dict[int, tuple] = {}
-    for name, sub in module.named_modules(remove_duplicate=False):
-        for pname, p in sub.named_parameters(recurse=False, remove_duplicate=False):
-            if not p.requires_grad:
-                continue
-            full = f"{name}.{pname}" if name else pname
-            if id(p) in owners and owners[id(p)][0] is not sub:
-                errors.append(f"parameter {full!r} is the same tensor as {owners[id(p)][1]!r} (tied weights): "
-                              "a parameter used twice in one forward is not supported; untie them")
-            owners.setdefault(id(p), (sub, full))
     return errors
 
 

@@ -21,11 +21,12 @@ class PerExampleBuffer:
         self.norm_table: torch.Tensor | None = None  # (params, B): per-parameter norms of each example
         self.norm_rows: dict = {}                   # id(param) -> its (B,) row of the norm table
         self.written: set[int] = set()              # id(param) of the blocks written in this pass
+        self.reused: set[int] = set()               # of those, the ones written by several uses (tied weights)
 
     def prepare(self, B: int, device: torch.device) -> None:
         """Blocks and a zeroed norm table for a backward pass of B examples."""
         layout = self.layout
-        self.written = set()
+        self.written, self.reused = set(), set()
         with profile_scope("dpdm_fast.buffer_alloc"):
             if self.storage is None or self.storage.numel() < B * layout.size:
                 self.storage, self.blocks, self.B = None, {}, None  # free it first: one buffer at peak
@@ -37,12 +38,13 @@ class PerExampleBuffer:
                 self.B = B
             self.norm_table.zero_()  # parameters this pass does not write count as zero
 
-    def mark_written(self, param, name: str) -> None:
+    def mark_written(self, param) -> bool:
+        """Record that param's block holds gradients of this pass; False if it already did (a second use)."""
         if id(param) in self.written:
-            raise RuntimeError(f"parameter {name} received two per-group gradients in one backward pass: it "
-                               "is used twice (tied weights, a module called twice, or two forward "
-                               "passes in one loss), which per-example clipping does not support")
+            self.reused.add(id(param))
+            return False
         self.written.add(id(param))
+        return True
 
     def clip_job(self, B: int, written: set, scale: float, max_grad_norm: float, backend) -> ClipJob:
         """The pass's buffer as a job to clip and sum: each example's norm is the norm of its per-parameter

@@ -46,6 +46,7 @@ class GroupGradientCollector:
         self._B: int | None = None                  # examples of the backward pass in progress
         self._task = -1
         self._rows = 0
+        self._forward: int | None = None            # the model forward this backward pass comes from
 
     @property
     def max_grad_norm(self) -> float:
@@ -100,9 +101,10 @@ class GroupGradientCollector:
         self.active = active
 
     # -- during backward -------------------------------------------------------------------
-    def begin(self, rows: int, device: torch.device) -> int:
+    def begin(self, rows: int, device: torch.device, forward: int | None = None) -> int:
         """Called by each layer's rule during backward: the number of examples B of this pass
-        (the first call of a backward pass sets up the buffer for it)."""
+        (the first call of a backward pass sets up the buffer for it). ``forward`` identifies the
+        model's forward that ran the layer (None: unknown, e.g. recomputed by checkpointing)."""
         task = torch._C._current_graph_task_id()
         if self._B is not None and task != self._task:
             self.abort()  # a previous backward died half-way: its partial sums must not leak into this one
@@ -119,11 +121,19 @@ class GroupGradientCollector:
                 raise RuntimeError(f"the model runs on {device} but the engine was set up on {self._clipped_sum.device}: "
                                    "move the model to its device before make_private (as with Opacus)")
             self._buffer.prepare(B, device)
-            self._B, self._rows, self._task = B, rows, task
+            self._B, self._rows, self._task, self._forward = B, rows, task, forward
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         elif rows != self._rows:
             raise RuntimeError(f"one backward pass saw layers with {self._rows} and {rows} rows: "
                                "call backward once per forward of the private module")
+        elif forward is not None and self._forward is not None and forward != self._forward:
+            # Row b of two forwards would be one group: two examples clipped together, whose removal could move
+            # the sum by up to 2 C, which the noise is not calibrated for.
+            raise RuntimeError("one backward pass reached two forward passes of the private module (a loss summed "
+                               "over two batches): per-example clipping needs one backward per forward, e.g. "
+                               "loss1.backward(); loss2.backward() before optimizer.step()")
+        elif self._forward is None:
+            self._forward = forward
         return self._B
 
     def target(self, param: nn.Parameter) -> torch.Tensor:
@@ -136,9 +146,15 @@ class GroupGradientCollector:
         example's squared norm of param's gradient as it writes the ``target`` block."""
         return self._buffer.norm_rows[id(param)]
 
+    def written(self, param: nn.Parameter) -> bool:
+        """Whether param's block already holds gradients of this backward pass (an earlier use of it)."""
+        return id(param) in self._buffer.written
+
     def written_by_kernel(self, param: nn.Parameter, name: str) -> None:
-        """A kernel rule wrote param's block and its squared norms: record it, take the square root."""
-        self._buffer.mark_written(param, name)
+        """A kernel rule wrote param's block (its first use in this pass) and its squared norms: record
+        it, take the square root."""
+        if not self._buffer.mark_written(param):
+            raise RuntimeError(f"a kernel rule overwrote the gradients of an earlier use of {name}")
         self._buffer.norm_rows[id(param)].sqrt_()
 
     def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
@@ -148,8 +164,14 @@ class GroupGradientCollector:
         if tuple(per_group.shape) != expected:
             raise RuntimeError(f"the per-group gradient of {name} has shape {tuple(per_group.shape)}, expected "
                                f"{expected} (examples, *parameter shape): the rule is wrong for this call")
-        self._buffer.mark_written(param, name)
         block = self._buffer.blocks[id(param)]
+        if not self._buffer.mark_written(param):
+            # another use of the parameter in this pass (tied weights, a layer run at several time steps): the
+            # gradients add up; its norm is taken once all uses are in (``_end_of_backward``)
+            if same_memory(per_group, block):
+                raise RuntimeError(f"the rule of a later use of {name} overwrote the earlier uses' gradients")
+            block.add_(per_group)
+            return
         if not same_memory(per_group, block):
             with profile_scope("dpdm_fast.buffer_copy"):
                 block.copy_(per_group)
@@ -161,6 +183,9 @@ class GroupGradientCollector:
         written = self._buffer.written
         if B is None:
             return
+        for i in self._buffer.reused:   # parameters with several uses: the norm of the sum of their gradients
+            p = self.layout.slots[i].param
+            self.backend.norms(self._buffer.blocks[i].view(B, p.numel()), out=self._buffer.norm_rows[i])
         # Opacus's per-row scaling (rows for 'mean'), then the average over K rows. Parameters this
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K

@@ -119,8 +119,9 @@ class PoissonDataLoader(_Ledger, DPDataLoader):
             if not dist.is_initialized():
                 raise RuntimeError("distributed=True needs torch.distributed initialised first")
             shard = (dist.get_rank(), dist.get_world_size())
-        if kwargs.pop("rand_on_empty", False) or not kwargs.pop("batch_first", True):
-            raise NotImplementedError("rand_on_empty=True and batch_first=False are not supported")
+        if kwargs.pop("rand_on_empty", False):
+            raise NotImplementedError("rand_on_empty=True is not supported: an empty batch is handled as it is")
+        batch_first = kwargs.pop("batch_first", True)
         shard = shard or (0, 1)
         self.distributed = shard[1] > 1
         self.requested_batch_size: int | None = None   # the plain loader's batch_size, when made from one
@@ -128,7 +129,7 @@ class PoissonDataLoader(_Ledger, DPDataLoader):
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode, shard)
         first = dataset[0]
         first = first if isinstance(first, (tuple, list)) else (first,)
-        collate = wrap_collate_with_empty(collate_fn=collate_fn or default_collate,
+        collate = wrap_collate_with_empty(collate_fn=collate_fn or default_collate, batch_first=batch_first,
                                           sample_empty_shapes=[(0, *getattr(x, "shape", ())) for x in first],
                                           dtypes=[getattr(x, "dtype", type(x)) for x in first])
         DataLoader.__init__(self, dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
@@ -216,7 +217,7 @@ def _base_dataset(data_loader: DataLoader, poisson: bool = True):
 
 
 def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False, shard: tuple[int, int] = (0, 1),
-                        public_dataset_size: int | None = None) -> PoissonDataLoader:
+                        public_dataset_size: int | None = None, batch_first: bool = True) -> PoissonDataLoader:
     """A Poisson loader over the same examples, with q = 1 / (batches per epoch of ``data_loader``);
     with ``public_dataset_size=N``, q = 1 / ceil(N / batch_size) from that public number instead of
     the realised size (which q would otherwise reveal). With ``shard=(rank, world_size)``, this rank's
@@ -247,7 +248,8 @@ def make_poisson_loader(data_loader: DataLoader, secure_mode: bool = False, shar
     if secure_mode:
         generator = None   # the sampler makes its own and re-seeds it from the OS every batch
     loader = PoissonDataLoader(dataset, sample_rate=1 / steps, steps=steps, collate_fn=data_loader.collate_fn,
-                               generator=generator, secure_mode=secure_mode, shard=shard, **kwargs)
+                               generator=generator, secure_mode=secure_mode, shard=shard, batch_first=batch_first,
+                               **kwargs)
     loader.requested_batch_size = data_loader.batch_size
     return loader
 
