@@ -812,8 +812,9 @@ def test_a_dropped_engine_frees_its_per_example_buffer():
 
 
 def test_a_failed_final_pass_discards_the_step_and_a_failed_fold_keeps_the_examples():
-    """The clip-weighted sum is deferred to the next backward or the step; if that pass fails, no
-    example's contribution is silently lost: a failed fold keeps its job, a failed step discards all."""
+    """The clip-weighted sum is folded in at the end of each backward; if that pass fails, no
+    example's contribution is silently lost: a failed fold keeps its job (folded at the next backward or
+    the step), a failed step discards all."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     pm, opt = zero_noise_engine(model, 1, 1e3, 1, "sum")
@@ -826,10 +827,9 @@ def test_a_failed_final_pass_discards_the_step_and_a_failed_fold_keeps_the_examp
     pm(x[:1]).sum().backward()
     backend.reduce = failing
     with pytest.raises(RuntimeError, match="injected"):
-        pm(x[1:]).sum().backward()        # folding example 0 in fails at the next backward's start
+        pm(x[1:]).sum().backward()        # folding example 1 in fails at the end of its backward
     backend.reduce = real
-    pm(x[1:]).sum().backward()            # retried: example 0 is folded in now, example 1 pending
-    opt.step()
+    opt.step()                            # its job was kept: folded in now
     torch.manual_seed(0)
     ref = nn.Linear(4, 3)
     ref(x).sum().backward()

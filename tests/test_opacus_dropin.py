@@ -165,3 +165,185 @@ def test_batch_first_false_matches_the_loop_and_opacus(K):
         per = torch.cat([p.grad_sample.reshape(3, -1) for p in plain.parameters()], 1)
         factors = (0.1 / (per.norm(dim=1) + 1e-6)).clamp(max=1)
         assert rel(ours, factors @ per / 3) < 1e-5
+
+
+# -- p.grad_sample / p.summed_grad ------------------------------------------------------------------
+
+def small_engine(clipping="flat", C=1.0, n=6, batch=3, reduction="mean", **kw):
+    from torch.utils.data import DataLoader, TensorDataset
+    from dpdm_fast import PrivacyEngine
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    data = TensorDataset(torch.randn(n, 4), torch.randint(0, 3, (n,)))
+    with pytest.warns(UserWarning):
+        engine = PrivacyEngine()
+        out = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                  data_loader=DataLoader(data, batch_size=batch), noise_multiplier=0.0,
+                                  max_grad_norm=C, clipping=clipping, poisson_sampling=False,
+                                  loss_reduction=reduction, **kw)
+    return (model, *out)
+
+
+def per_example_grads(model, x, y, reduction="mean"):
+    """Opacus's grad_sample: each example's gradient of its own loss (for 'mean', the batch loss times n)."""
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))   # the wrapped model refuses direct calls
+    plain.load_state_dict(model.state_dict())
+    model = plain
+    rows = []
+    for i in range(len(x)):
+        g = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+        rows.append([t.detach() for t in g])
+    return [torch.stack(r) for r in zip(*rows)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_sample_and_summed_grad_are_views_with_opacus_values(reduction):
+    model, pm, opt, loader = small_engine(C=0.3, reduction=reduction)
+    x, y = next(iter(loader))
+    F.cross_entropy(pm(x), y, reduction=reduction).backward()
+    ref = per_example_grads(model, x, y)
+    buffer = pm.collector._buffer.storage
+    norms = torch.cat([g.reshape(len(x), -1) for g in ref], 1).norm(dim=1)
+    factors = (0.3 / (norms + 1e-6)).clamp(max=1)
+    for p, g in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad_sample, g, rtol=1e-5, atol=1e-6)
+        assert p.grad_sample.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()   # no copy
+        torch.testing.assert_close(p.summed_grad, torch.einsum("b,b...->...", factors, g), rtol=1e-5, atol=1e-6)
+    summed = [p.summed_grad.clone() for p in model.parameters()]
+    opt.step()
+    for p, s in zip(model.parameters(), summed):   # still readable after the step (Opacus's tests read it)
+        torch.testing.assert_close(p.summed_grad, s)
+    opt.zero_grad()
+    assert all(p.grad_sample is None and p.summed_grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("write", ["in_place", "replaced"])
+def test_writing_grad_sample_is_refused_at_the_step(write):
+    model, pm, opt, loader = small_engine()
+    x, y = next(iter(loader))
+    F.cross_entropy(pm(x), y).backward()
+    p = model[0].weight
+    if write == "in_place":
+        p.grad_sample.zero_()
+    else:
+        p.grad_sample = torch.zeros_like(p.grad_sample)
+    with pytest.raises(RuntimeError, match="grad_sample was modified"):
+        opt.step()
+
+
+def test_writing_summed_grad_changes_the_step_as_in_opacus():
+    model, pm, opt, loader = small_engine()
+    x, y = next(iter(loader))
+    F.cross_entropy(pm(x), y).backward()
+    model[0].weight.summed_grad.zero_()
+    model[0].bias.summed_grad.fill_(3.0)
+    opt.step()
+    assert model[0].weight.grad.abs().max() == 0
+    torch.testing.assert_close(model[0].bias.grad, torch.full((5,), 3.0 / 3))
+
+
+# -- per-layer and adaptive clipping -----------------------------------------------------------------
+
+def test_per_layer_clipping_matches_a_loop_and_opacus():
+    from opacus.optimizers import DPPerLayerOptimizer
+    bounds = [0.05, 0.5, 0.01, 1.0]
+    model, pm, opt, loader = small_engine("per_layer", C=bounds)
+    x, y = next(iter(loader))
+    ref = per_example_grads(model, x, y)
+    F.cross_entropy(pm(x), y).backward()
+    opt.step()
+    for p, g, c in zip(model.parameters(), ref, bounds):   # the loop: each parameter clipped to its bound
+        f = (c / (g.reshape(len(x), -1).norm(dim=1) + 1e-6)).clamp(max=1)
+        torch.testing.assert_close(p.grad, torch.einsum("b,b...->...", f, g) / 3, rtol=1e-5, atol=1e-7)
+    assert opt.max_grad_norm == pytest.approx(float(torch.tensor(bounds).norm()))   # the noise's scale
+    # Opacus's optimizer on the same per-example gradients
+    ours = [p.grad.clone() for p in model.parameters()]
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    theirs = DPPerLayerOptimizer(torch.optim.SGD(plain.parameters(), lr=0.0), noise_multiplier=0.0,
+                                 max_grad_norm=bounds, expected_batch_size=3)
+    for q, g in zip(plain.parameters(), ref):
+        q.grad_sample = g
+    theirs.pre_step()
+    for a, q in zip(ours, plain.parameters()):
+        torch.testing.assert_close(a, q.grad, rtol=1e-5, atol=1e-7)
+    assert theirs.max_grad_norm == pytest.approx(opt.max_grad_norm)
+
+
+def test_per_layer_bounds_follow_the_optimizers_parameter_order():
+    from torch.utils.data import DataLoader, TensorDataset
+    from dpdm_fast import PrivacyEngine
+    model = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3))
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params[::-1], lr=0.0)   # reversed
+    with pytest.warns(UserWarning):
+        pm, opt, _ = PrivacyEngine().make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(TensorDataset(torch.randn(4, 4)), batch_size=2),
+            noise_multiplier=1.0, max_grad_norm=[1.0, 2.0, 3.0, 4.0], clipping="per_layer")
+    assert pm.collector.max_grad_norms == [4.0, 3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="list"):
+        pm.collector.max_grad_norm = 1.0
+
+
+def adaclip_args(**kw):
+    return {"target_unclipped_quantile": 0.5, "clipbound_learning_rate": 0.2, "max_clipbound": 10.0,
+            "min_clipbound": 0.01, "unclipped_num_std": 1e-9, **kw}
+
+
+def test_adaptive_clipping_matches_opacus_when_the_batch_has_its_expected_size():
+    """Noise-free, with the realised batch equal to the expected one (where Opacus's fraction and the centred
+    one coincide): the same clipped sum and the same next bound as Opacus's AdaClipDPOptimizer."""
+    from opacus.optimizers import AdaClipDPOptimizer as Theirs
+    model, pm, opt, loader = small_engine("adaptive", C=0.2, **adaclip_args())
+    x, y = next(iter(loader))
+    ref = per_example_grads(model, x, y)
+    F.cross_entropy(pm(x), y).backward()
+    opt.step()
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    theirs = Theirs(torch.optim.SGD(plain.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=0.2,
+                    expected_batch_size=3, **adaclip_args(unclipped_num_std=0.0 + 1e-9))
+    for q, g in zip(plain.parameters(), ref):
+        q.grad_sample = g
+    theirs.pre_step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    assert opt.max_grad_norm == pytest.approx(float(theirs.max_grad_norm), rel=1e-6)
+    assert opt.max_grad_norm != 0.2
+
+
+def test_adaptive_clipping_releases_a_centred_count_and_accounts_with_the_given_sigma():
+    model, pm, opt, loader = small_engine("adaptive", C=0.2, **adaclip_args(unclipped_num_std=2.0))
+    assert opt._gradient_noise_multiplier() == 0.0
+    opt.noise_multiplier = 1.0
+    assert opt._gradient_noise_multiplier() == pytest.approx((1 - 1 / 16) ** -0.5)   # (s^-2 - (2 s_b)^-2)^-1/2
+    opt.noise_multiplier = 4.0   # (a scheduler's change) no budget left for the gradient
+    with pytest.raises(ValueError, match="2 \\* unclipped_num_std"):
+        opt._gradient_noise_multiplier()
+    opt.noise_multiplier = 1.0
+    torch.manual_seed(0)
+    counts = []
+    for _ in range(200):   # the released count is centred: sum(1[unclipped] - 1/2) + N(0, s_b^2)
+        x, y = next(iter(loader))
+        F.cross_entropy(pm(x), y).backward()
+        unclipped = (pm.collector.last_norms <= opt.max_grad_norm).sum().item()
+        opt.step()
+        opt.zero_grad()
+        counts.append(opt.unclipped_num - (unclipped - 1.5))
+    noise = torch.tensor(counts)
+    assert abs(noise.mean()) < 0.5 and 1.6 < noise.std() < 2.4
+
+
+def test_ghost_mode_returns_opacus_four_values_and_the_same_update():
+    model, pm, opt, criterion, loader = small_engine(C=0.3, grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss())
+    x, y = next(iter(loader))
+    loss = criterion(pm(x), y)
+    assert loss.item() == pytest.approx(F.cross_entropy(pm(x), y).item())
+    (loss * 1.0).backward()
+    opt.step()
+    ghost = flat_grad(model)
+    model2, pm2, opt2, loader2 = small_engine(C=0.3)
+    next(iter(loader2))
+    F.cross_entropy(pm2(x), y).backward()
+    opt2.step()
+    assert rel(ghost, flat_grad(model2)) < 1e-6
+    with pytest.raises(ValueError, match="criterion"):
+        small_engine(grad_sample_mode="ghost")

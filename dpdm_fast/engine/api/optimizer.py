@@ -80,6 +80,7 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears p.grad; also drops accumulated clipped sums unless the last step was a skipped one."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        self.collector.views.clear(summed_grad=not self._last_step_skipped)
         if not self._last_step_skipped:
             self.collector.reset()
 
@@ -120,6 +121,7 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
             for p in layout.params:  # views of the flat tensor (no copy for fp32 parameters)
                 p.grad = layout.flat_view(flat, p).to(p.dtype) if id(p) in collector.active else None
             collector.reset()
+        self._after_reset()
         for hook in self.step_hooks:
             hook(self)
         self._steps_taken += 1
@@ -139,18 +141,32 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
         batches = (check_batches(self.ledger, collector, self.one_batch_per_step) if self.ledger is not None
                    else max(1, accumulated))
         check_no_ordinary_gradients(self.param_groups, collector.layout)
+        collector.views.check_unchanged()
         self.accumulated_iterations = batches
         divisor = 1
         if self.loss_reduction == "mean":
             divisor = self.expected_batch_size * (batches if self.scale_by_accumulated_iterations else 1)
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self._gradient_noise_multiplier() * self.max_grad_norm
         if self.exchange is not None and not self.exchange.adds_noise:
             std = 0.0   # the noise is drawn once, by rank 0; the all-reduce adds it to every rank's sum
         if self.before_noise:
             total = collector.clipped_sum   # (folds the last backward in first)
             for hook in self.before_noise:
                 hook(total)
-        return collector.finish(self.noise_source.noise(std, divisor)), divisor
+        flat = collector.finish(self.noise_source.noise(std, divisor))
+        self._other_releases(batches)
+        return flat, divisor
+
+    # -- what a subclass with another mechanism changes (AdaClipDPOptimizer) -----------------------
+    def _gradient_noise_multiplier(self) -> float:
+        """The gradient's noise std in units of max_grad_norm (the accountant is told ``noise_multiplier``)."""
+        return self.noise_multiplier
+
+    def _other_releases(self, batches: int) -> None:
+        """Noised statistics besides the gradient, drawn in the step (before the clipped sums are reset)."""
+
+    def _after_reset(self) -> None:
+        """Settings derived from this step's releases, applied once its clipped sums are reset."""
 
     def abandon_step(self) -> None:
         """This rank cannot finish the current step (its forward or backward raised): drop the step's

@@ -15,9 +15,12 @@ from ..mechanism import CALIBRATING_ACCOUNTANTS
 from . import opacus_checkpoint
 from .accounting import Accounting
 from .compatibility import ModuleCompatibility
+from .adaptive_clipping import AdaClipDPOptimizer
+from .dp_loss import DPLoss
 from .optimizer import DPOptimizer
 from .private_module import PrivateModule
-from .wrapping import agree_at_wrap, plain_model, private_loader, refuse_unsupported, replicas_for
+from .wrapping import (agree_at_wrap, clipping_options, layout_bounds, plain_model, private_loader,
+                       refuse_unsupported, replicas_for)
 
 
 class PrivacyEngine(Accounting, ModuleCompatibility):
@@ -49,7 +52,7 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
 
     # -- wrapping ---------------------------------------------------------------------------
     def make_private(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
-                     noise_multiplier: float, max_grad_norm: float, loss_reduction: str = "mean",
+                     noise_multiplier: float, max_grad_norm: float | list, loss_reduction: str = "mean",
                      poisson_sampling: bool = True, noise_generator: torch.Generator | None = None,
                      noise_multiplicity: int = 1, backend: str = "auto", strict: bool = False,
                      clipping: str = "flat", batch_first: bool = True, grad_sample_mode: str | None = None,
@@ -64,6 +67,20 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
         size (for 'mean'), then the wrapped optimizer's step. A module returned by an earlier
         ``make_private`` is rebuilt with these settings (the earlier module and optimizer then refuse
         to train). ``wrap_model=False`` returns the model itself, hooked, instead of a wrapper.
+
+        Opacus's options, all computed exactly by this engine's rules:
+        - ``clipping="per_layer"``: ``max_grad_norm`` a list, one bound per trainable parameter in the
+          optimizer's order; each parameter's per-example gradient is clipped to its bound, and the noise
+          is scaled to the L2 norm of the bounds (Opacus's ``DPPerLayerOptimizer``).
+        - ``clipping="adaptive"`` with Opacus's ``target_unclipped_quantile``, ``clipbound_learning_rate``,
+          ``max_clipbound``, ``min_clipbound``, ``unclipped_num_std``: see ``AdaClipDPOptimizer``.
+        - ``batch_first=False``: the batch is dim 1 of the model's inputs and of every layer's input and
+          output (Opacus's ``RNNLinear``, run per time step, keeps it on dim 0).
+        - ``grad_sample_mode``: "hooks", "functorch", "ew" and "ghost" all run this engine's one backward;
+          "ghost" also returns Opacus's fourth value, a loss wrapper built from ``criterion``
+          (``DPLoss``), whose ``backward()`` is the reduced loss's.
+        - After each backward, ``p.grad_sample`` and ``p.summed_grad`` are views of the engine's
+          per-example buffer and clipped sum (see ``dpdm_fast.engine.clipping.opacus_views``).
 
         ``distributed=True`` (or a module wrapped in Opacus's ``DPDDP``) trains one model across the
         ranks of the initialised torch.distributed job (see ``dpdm_fast.engine.distributed``): rank 0's
@@ -80,12 +97,16 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
         neighbours q reveals it); the divisor is the loader's ``batch_size`` either way, never the
         realised N q (Opacus's divisor, which reveals N through the scale of the noise).
         """
-        refuse_unsupported(kwargs, clipping, grad_sample_mode, rand_on_empty)
+        adaptive = clipping_options(clipping, kwargs)
+        refuse_unsupported(kwargs, grad_sample_mode, rand_on_empty)
         if noise_generator is not None and self.secure_mode:
             raise ValueError("passing noise_generator is prohibited in secure mode")
         module, replicas = replicas_for(module, distributed)
         module = plain_model(module, optimizer)
-        private = PrivateModule(module, noise_multiplicity=noise_multiplicity, max_grad_norm=max_grad_norm,
+        if replicas is not None and clipping == "per_layer":
+            raise NotImplementedError("per-layer clipping in a distributed run: use flat clipping")
+        bounds = layout_bounds(clipping, max_grad_norm, optimizer, [p for p in module.parameters() if p.requires_grad])
+        private = PrivateModule(module, noise_multiplicity=noise_multiplicity, max_grad_norm=bounds,
                                 loss_reduction=loss_reduction, backend=backend, strict=strict,
                                 allow_direct_calls=not wrap_model, batch_first=batch_first)
         wrapped = private_loader(data_loader, poisson_sampling=poisson_sampling, secure_mode=self.secure_mode,
@@ -98,20 +119,24 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
         self.dataset = data_loader.dataset
         if replicas is not None:
             agree_at_wrap(replicas, module, private, wrapped, {
-                "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
+                "noise_multiplier": noise_multiplier, "max_grad_norm": private.max_grad_norm,
                 "noise multiplicity K": noise_multiplicity, "loss reduction is mean": loss_reduction == "mean",
                 "public dataset size": -1 if public_dataset_size is None else public_dataset_size,
                 "secure_mode": self.secure_mode, "accountant steps so far": self.steps})
-        dp_optimizer = DPOptimizer(optimizer, private.collector, noise_multiplier=noise_multiplier,
-                                   expected_batch_size=wrapped.divisor, generator=noise_generator,
-                                   secure_mode=self.secure_mode, scale_by_accumulated_iterations=not poisson_sampling,
-                                   replicas=replicas)
+        optimizer_class = AdaClipDPOptimizer if clipping == "adaptive" else DPOptimizer
+        dp_optimizer = optimizer_class(optimizer, private.collector, noise_multiplier=noise_multiplier,
+                                       expected_batch_size=wrapped.divisor, generator=noise_generator,
+                                       secure_mode=self.secure_mode,
+                                       scale_by_accumulated_iterations=not poisson_sampling, replicas=replicas,
+                                       **adaptive)
         dp_optimizer.ledger, dp_optimizer.one_batch_per_step = data_loader, poisson_sampling
         # k batches accumulated before one step (only without Poisson sampling) are one step at rate k*q (Opacus's rule)
         hook = lambda opt: self.accountant.step(  # noqa: E731
             noise_multiplier=opt.noise_multiplier, sample_rate=min(1.0, sample_rate * opt.accumulated_iterations))
         dp_optimizer.attach_step_hook(hook)
         self.module, self.optimizer, self.data_loader, self.sample_rate = private, dp_optimizer, data_loader, sample_rate
+        if grad_sample_mode == "ghost":   # Opacus's ghost API: the loss wrapper as a fourth value
+            return (private if wrap_model else module), dp_optimizer, DPLoss(criterion, loss_reduction), data_loader
         return (private if wrap_model else module), dp_optimizer, data_loader
 
     def make_private_with_epsilon(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,

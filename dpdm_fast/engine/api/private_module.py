@@ -131,6 +131,7 @@ class PrivateModule(nn.Module):
         self._handles.clear()
         self._closed = True
         self.collector.closed = True
+        self.collector.views.clear()   # (the views would keep the per-example buffer alive)
 
     def remove_hooks(self) -> nn.Module:
         """Detach the engine and return the plain model."""

@@ -15,15 +15,53 @@ from ..sampling import make_poisson_loader, make_recording_loader
 from .private_module import PrivateModule
 
 
-def refuse_unsupported(kwargs: dict, clipping: str, grad_sample_mode, rand_on_empty: bool) -> None:
-    """Opacus arguments this engine does not implement: an error (or, for the mode, a warning), never ignored."""
+ADAPTIVE_ARGS = ("target_unclipped_quantile", "clipbound_learning_rate", "max_clipbound", "min_clipbound",
+                 "unclipped_num_std")
+# Opacus's modes: every one is computed by this engine's rules, exactly (see ``PrivacyEngine.make_private``)
+GRAD_SAMPLE_MODES = (None, "hooks", "functorch", "ew", "ghost")
+
+
+def clipping_options(clipping: str, kwargs: dict) -> dict:
+    """The arguments of the clipping mode, taken out of ``kwargs`` (Opacus passes them through **kwargs)."""
+    if clipping not in ("flat", "per_layer", "adaptive"):
+        raise ValueError(f"clipping={clipping!r}: expected 'flat', 'per_layer' or 'adaptive'")
+    if clipping != "adaptive":
+        return {}
+    missing = [a for a in ADAPTIVE_ARGS if a not in kwargs]
+    if missing:
+        raise TypeError(f"clipping='adaptive' needs {missing} (Opacus's AdaClipDPOptimizer arguments)")
+    return {a: kwargs.pop(a) for a in ADAPTIVE_ARGS}
+
+
+def layout_bounds(clipping: str, max_grad_norm, optimizer, trainable: list) -> float | list:
+    """``max_grad_norm`` for the private module: per-layer bounds come in the optimizer's order of its
+    trainable parameters (Opacus's) and are put in the engine's (the model's) order."""
+    if clipping != "per_layer":
+        if isinstance(max_grad_norm, (list, tuple)):
+            raise ValueError(f"a list of max_grad_norm bounds needs clipping='per_layer' (got clipping={clipping!r})")
+        return max_grad_norm
+    if not isinstance(max_grad_norm, (list, tuple)):
+        raise ValueError("clipping='per_layer' takes max_grad_norm as a list, one bound per trainable parameter "
+                         "in the optimizer's order (as Opacus)")
+    ordered = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if len(max_grad_norm) != len(ordered):
+        raise ValueError(f"clipping='per_layer': {len(max_grad_norm)} bounds for the optimizer's {len(ordered)} "
+                         "trainable parameters")
+    bound = {id(p): b for p, b in zip(ordered, max_grad_norm)}
+    missing = [i for i, p in enumerate(trainable) if id(p) not in bound]
+    if missing:
+        raise ValueError("clipping='per_layer': some trainable parameters of the model are not in the optimizer, "
+                         "so they have no bound; freeze them or give them to the optimizer")
+    return [bound[id(p)] for p in trainable]
+
+
+def refuse_unsupported(kwargs: dict, grad_sample_mode, rand_on_empty: bool) -> None:
+    """Opacus arguments this engine does not implement: an error, never ignored."""
     if kwargs:
         raise TypeError(f"make_private got unsupported arguments {sorted(kwargs)}")
-    if clipping != "flat":
-        raise NotImplementedError(f"clipping={clipping!r}: only flat (all-parameter) clipping is implemented")
-    if grad_sample_mode not in (None, "hooks"):
-        warnings.warn(f"grad_sample_mode={grad_sample_mode!r} is ignored: dpdm_fast always computes "
-                      "per-group gradients with its own rules", stacklevel=3)
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode={grad_sample_mode!r}: expected one of {GRAD_SAMPLE_MODES[1:]} (all "
+                         "computed by this engine's per-example rules)")
     if rand_on_empty:
         raise NotImplementedError("rand_on_empty=True replaces an empty batch by a random example, which the "
                                   "per-step batch check rightly refuses: empty batches are handled as they are")

@@ -46,16 +46,26 @@ class PerExampleBuffer:
         self.written.add(id(param))
         return True
 
-    def clip_job(self, B: int, written: set, scale: float, max_grad_norm: float, backend) -> ClipJob:
+    def clip_job(self, B: int, written: set, scale: float, max_grad_norm: float, backend,
+                 layer_bounds: torch.Tensor | None = None) -> ClipJob:
         """The pass's buffer as a job to clip and sum: each example's norm is the norm of its per-parameter
-        norms (scaled as its gradients are); a non-finite one is refused, never clipped."""
-        norms = backend.norms(self.norm_table.t()) * scale
+        norms; a non-finite one is refused, never clipped. The blocks are first scaled in place to the
+        per-example gradients (Opacus's ``grad_sample``, which views them), so the job's scale is 1."""
+        if scale != 1:
+            with profile_scope("dpdm_fast.scale"):
+                self.storage[:B * self.layout.size].mul_(scale)
+            self.norm_table.mul_(scale)
+        norms = backend.norms(self.norm_table.t())
         if not torch.isfinite(norms).all():
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-            raise FloatingPointError(f"non-finite per-example gradients for examples {bad[:10]} of this "
-                                     "batch (NaN/Inf in the loss or the model); refusing to clip them")
+            raise FloatingPointError(
+                f"non-finite per-example gradients for examples {bad[:10]} of this batch (their positions in the "
+                "batch's examples, K rows each): NaN/Inf in the loss or the model. Refusing to clip them, since a "
+                "NaN would poison the noisy sum and inf would be clipped to an arbitrary direction. To find the "
+                "example, run the model without the engine on those rows and check torch.isfinite of the loss "
+                "(or use torch.autograd.set_detect_anomaly(True)); private.collector.last_norms holds the norms")
         return ClipJob(self.layout, self.storage, B, [id(p) in written for p in self.layout.params], norms,
-                       max_grad_norm, scale)
+                       max_grad_norm, 1.0, layer_bounds, None if layer_bounds is None else self.norm_table)
 
 
 def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

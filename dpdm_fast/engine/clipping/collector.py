@@ -16,6 +16,7 @@ import torch.nn as nn
 from ..profiling import profile_scope
 from .backends import ClipJob, Noise, get_backend
 from .buffer import PerExampleBuffer, same_memory
+from .opacus_views import OpacusViews
 from .layout import FlatLayout
 
 
@@ -31,11 +32,16 @@ class GroupGradientCollector:
         self.layout, self.K, self.loss_reduction = layout, int(noise_multiplicity), loss_reduction
         self.backward_calls = 0        # backward passes folded in since the last reset
         self._max_grad_norm = 1.0
+        self._layer_bounds: torch.Tensor | None = None   # per-layer clipping: one bound per parameter
+        self.per_layer = isinstance(max_grad_norm, (list, tuple))
         self.max_grad_norm = max_grad_norm
         device = layout.params[0].device if layout.params else torch.device("cpu")
         self.backend = get_backend(backend, device)
         self._clipped_sum = torch.zeros(layout.size, dtype=torch.float32, device=device)
         self._pending: ClipJob | None = None  # the last backward's buffer, clipped but not yet summed
+        self._stale = False            # clipped_sum holds a finished step's sum, to be zeroed before the next
+        self.unclipped = 0             # examples flat clipping left unchanged since the last reset (a tensor)
+        self.views = OpacusViews(layout)  # p.grad_sample / p.summed_grad
         self.num_examples = 0          # examples folded into clipped_sum since the last reset
         self.backwards_since_step = 0  # backward passes since the optimizer's last step() call
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last backward
@@ -53,15 +59,33 @@ class GroupGradientCollector:
         return self._max_grad_norm
 
     @max_grad_norm.setter
-    def max_grad_norm(self, value: float) -> None:
-        value = float(value)
-        if not value > 0 or value == float("inf"):
-            raise ValueError(f"max_grad_norm must be a finite number > 0, got {value}")
-        if value != self._max_grad_norm and self.holds_examples:
+    def max_grad_norm(self, value) -> None:
+        """Flat clipping: one bound. Per-layer clipping: a list, one bound per trainable parameter (layout
+        order); ``max_grad_norm`` then reads their L2 norm, the sensitivity the noise is scaled to (Opacus)."""
+        if isinstance(value, (list, tuple)) != self.per_layer:
+            raise ValueError("per-layer clipping takes a list of bounds, one per trainable parameter, and flat "
+                             f"clipping one number; got {value!r}")
+        bounds = [float(v) for v in value] if self.per_layer else [float(value)]
+        if any(not v > 0 or v == float("inf") for v in bounds):
+            raise ValueError(f"max_grad_norm must be finite and > 0 (each bound, for per-layer clipping), got {value}")
+        if self.per_layer and len(bounds) != len(self.layout.params):
+            raise ValueError(f"per-layer clipping needs one bound per trainable parameter ({len(self.layout.params)}), "
+                             f"got {len(bounds)}")
+        total = float(torch.tensor(bounds, dtype=torch.float64).norm()) if self.per_layer else bounds[0]
+        old = None if self._layer_bounds is None else self._layer_bounds.tolist()
+        if (total != self._max_grad_norm or (self.per_layer and old != bounds)) and self.holds_examples:
             raise RuntimeError("max_grad_norm changed while clipped gradients of this step are accumulated "
                                "(between physical batches or backward passes of one step): change it only "
                                "after optimizer.step(), so every example of a step is clipped to the same norm")
-        self._max_grad_norm = value
+        self._max_grad_norm = total
+        if self.per_layer:
+            device = self.layout.params[0].device if self.layout.params else None
+            self._layer_bounds = torch.tensor(bounds, dtype=torch.float32, device=device)
+
+    @property
+    def max_grad_norms(self) -> list[float] | None:
+        """Per-layer clipping's bounds, one per trainable parameter (None for flat clipping)."""
+        return None if self._layer_bounds is None else self._layer_bounds.tolist()
 
     @property
     def layout_device(self) -> torch.device:
@@ -75,17 +99,19 @@ class GroupGradientCollector:
         return self._clipped_sum
 
     def flush(self) -> None:
-        """Fold the last backward's buffer into ``clipped_sum`` (it is about to be overwritten or read).
-        The job is dropped only once folded in: a failed pass keeps it (and the step then fails too)."""
+        """Fold the last backward's buffer into ``clipped_sum``. The job is dropped only once folded in:
+        a failed pass keeps it (and the step then fails too)."""
+        if self._stale:   # the last step's sum (still readable as p.summed_grad until now)
+            self._clipped_sum.zero_()
+            self._stale = False
         if self._pending is not None:
             self.backend.reduce(self._pending, self._clipped_sum)
             self._pending = None
 
     def finish(self, noise: Noise) -> torch.Tensor:
-        """The step's flat gradient (clipped sum + noise) / divisor, in one pass over the last buffer."""
-        out = self.backend.reduce(self._pending, self._clipped_sum, noise)
-        self._pending = None
-        return out
+        """The step's flat gradient (clipped sum + noise) / divisor; the clipped sum itself is left as is."""
+        self.flush()
+        return self.backend.reduce(None, self._clipped_sum, noise)
 
     @property
     def holds_examples(self) -> bool:
@@ -109,6 +135,8 @@ class GroupGradientCollector:
         if self._B is not None and task != self._task:
             self.abort()  # a previous backward died half-way: its partial sums must not leak into this one
         if self._B is None:
+            self.views.check_unchanged()   # before the buffer that p.grad_sample views is overwritten
+            self.views.invalidate()
             self.flush()  # the previous backward's clip-weighted sum, before its buffer is reused
             if self.closed:
                 raise RuntimeError("this private module was replaced by a later make_private call: train the "
@@ -189,11 +217,17 @@ class GroupGradientCollector:
         # Opacus's per-row scaling (rows for 'mean'), then the average over K rows. Parameters this
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
-        self._pending = self._buffer.clip_job(B, written, scale, self.max_grad_norm, self.backend)
+        self._pending = self._buffer.clip_job(B, written, scale, self.max_grad_norm, self.backend,
+                                              self._layer_bounds)
         self.last_norms = self._pending.norms
+        self.unclipped = self.unclipped + self._pending.unclipped()
         self.num_examples += B
         self.backward_calls += 1
         self.backwards_since_step += 1
+        # Folded in now (not at the step), so that p.summed_grad is the running clipped sum after every
+        # backward, as in Opacus; the step's final pass only adds noise.
+        self.flush()
+        self.views.expose(self._buffer, B, written, self._clipped_sum)
 
     def abort(self) -> None:
         """Forget a backward pass that failed half-way (its clipped contributions were never added)."""
@@ -201,6 +235,7 @@ class GroupGradientCollector:
 
     def reset(self) -> None:
         self._pending = None
-        self._clipped_sum.zero_()
+        self._stale = True   # zeroed when the next backward folds in (p.summed_grad stays readable until then)
         self.num_examples = 0
         self.backward_calls = 0
+        self.unclipped = 0

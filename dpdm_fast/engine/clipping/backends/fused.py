@@ -29,6 +29,11 @@ class FusedBackend(TorchBackend):
                out: torch.Tensor | None = None) -> torch.Tensor:
         if job is not None and job.B == 0:
             job = None
+        if job is not None and job.layer_bounds is not None:
+            # per-layer clip factors: the reference's block-by-block sum (the fused kernel takes one factor
+            # per example), then this backend's noise pass
+            total = TorchBackend.reduce(self, job, total)
+            job = None
         if job is None and noise is None:
             return total
         device = total.device

@@ -18,15 +18,25 @@ class ClipJob:
     norms: torch.Tensor         # (B,) fp32 per-example norms (scaled as the gradients are)
     max_grad_norm: float
     scale: float                # the per-example scale (loss reduction, average over K) of the gradients
+    # per-layer clipping: (params,) bounds and the (params, B) per-parameter norms (None: flat clipping)
+    layer_bounds: torch.Tensor | None = None
+    param_norms: torch.Tensor | None = None
 
     def factors(self) -> torch.Tensor:
+        """Flat clipping: (B,) clip factors (times ``scale``); per-layer: (params, B), one row per parameter."""
+        if self.layer_bounds is not None:
+            return (self.layer_bounds[:, None] / (self.param_norms + 1e-6)).clamp(max=1.0) * self.scale
         return (self.max_grad_norm / (self.norms + 1e-6)).clamp(max=1.0) * self.scale
 
+    def unclipped(self) -> torch.Tensor:
+        """How many examples flat clipping leaves unchanged (factor 1), as Opacus's adaptive clipping counts."""
+        return (self.max_grad_norm / (self.norms + 1e-6) >= 1.0).sum()
+
     def blocks(self):
-        """(param, its (B, numel) block) for each parameter this backward wrote."""
-        for p, w in zip(self.layout.params, self.written):
+        """(index, param, its (B, numel) block) for each parameter this backward wrote."""
+        for i, (p, w) in enumerate(zip(self.layout.params, self.written)):
             if w:
-                yield p, self.layout.block(self.storage, p, self.B).view(self.B, p.numel())
+                yield i, p, self.layout.block(self.storage, p, self.B).view(self.B, p.numel())
 
 
 @dataclass

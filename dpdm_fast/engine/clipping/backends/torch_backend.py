@@ -21,16 +21,20 @@ class TorchBackend:
         if job is not None and job.B:
             with profile_scope("dpdm_fast.clip_sum"):
                 factors = job.factors()
-                for p, blk in job.blocks():
-                    job.layout.flat_view(total, p).view(-1).addmv_(blk.t(), factors.to(blk.dtype))
+                per_layer = factors.dim() == 2
+                for i, p, blk in job.blocks():
+                    f = factors[i] if per_layer else factors
+                    job.layout.flat_view(total, p).view(-1).addmv_(blk.t(), f.to(blk.dtype))
         if noise is None:
             return total
-        with profile_scope("dpdm_fast.noise"):
-            self.add_noise(total, noise.std, noise.generator, noise.secure_mode)
-            if noise.divisor != 1:
-                total.div_(noise.divisor)
+        # the noise goes into the output, so ``total`` stays the clipped sum (Opacus's p.summed_grad)
         with profile_scope("dpdm_fast.grads_out"):
-            return total.clone() if out is None else out.copy_(total)
+            out = total.clone() if out is None else out.copy_(total)
+        with profile_scope("dpdm_fast.noise"):
+            self.add_noise(out, noise.std, noise.generator, noise.secure_mode)
+            if noise.divisor != 1:
+                out.div_(noise.divisor)
+        return out
 
     def add_noise(self, out: torch.Tensor, std: float, generator: torch.Generator | None,
                   secure_mode: bool) -> None:
