@@ -5,6 +5,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from .forward_state import in_backward
+from .rules.embedding_bag import bag_rows
 
 
 def check_still_the_rules_layer(site, module) -> None:
@@ -37,9 +38,11 @@ def check_call(site, args, kwargs, output) -> None:
     if site.spec is not None:
         x = args[0] if args else None
         if kwargs or not isinstance(x, torch.Tensor):
-            raise NotImplementedError(f"{where} must be called with its input as the one positional argument "
-                                      "for its per-group rule")
-        if not site.spec.input_ndim(x.dim()) or x.dim() <= dim or x.shape[dim] != rows:
+            got = f" (got keyword arguments {sorted(kwargs)})" if kwargs else ""
+            raise NotImplementedError(f"{where} must be called with positional arguments only, its input first, "
+                                      f"for its per-group rule{got}: pass tensors positionally (e.g. EmbeddingBag: "
+                                      "bag(input, offsets, per_sample_weights))")
+        if not site.spec.input_ndim(x.dim()) or _rule_input_rows(site.module, args, dim) != rows:
             raise ValueError(f"{where} got an input of shape {tuple(x.shape)} and returned {tuple(output.shape)}: "
                              f"per-example gradients need a batched input with the rows on dim {dim}")
         return
@@ -53,3 +56,13 @@ def check_call(site, args, kwargs, output) -> None:
                                   f"dim {dim} is not the {rows} rows of its output: the fallback treats every tensor "
                                   "argument as per-row; pass constants as buffers or non-tensor arguments, or "
                                   "register a rule")
+
+
+# -- per-rule call checks ----------------------------------------------------------------------------------
+def _rule_input_rows(module, args: tuple, dim: int) -> int | None:
+    """The rows of a rule layer's input: its first argument's size on ``dim``, except for an EmbeddingBag
+    (rows on dim 0), whose rows are its bags: with a 1-D input and offsets, one per offset."""
+    x = args[0]
+    if dim == 0 and isinstance(module, torch.nn.EmbeddingBag):
+        return bag_rows(module, args)
+    return x.shape[dim] if x.dim() > dim else None

@@ -12,7 +12,7 @@ like Opacus's ``grad_sample/``. A rule is only correct for the computation it wa
 computation (``forward``, and e.g. ``_conv_forward``) and has no parameters the rule does not know.
 """
 from .registry import RULES, Rule, RuleSpec, block, find_rule, groups, register_rule
-from . import conv, embedding, linear, nin, norm  # noqa: E402,F401  (registration, one file per layer)
+from . import conv, conv_nd, conv_transpose, embedding, embedding_bag, instance_norm, linear, nin, norm, rms_norm, sequence_bias  # noqa: E402,F401,E501  (registration, one file per layer)
 from .functorch import functorch_rule
 
 __all__ = ["RULES", "Rule", "RuleSpec", "register_rule", "find_rule", "groups", "block", "functorch_rule"]
