@@ -277,3 +277,13 @@ def test_builtin_rules_write_straight_into_the_buffer(monkeypatch):
         pm3, _ = zero_noise_engine(nn.Sequential(Scaled(3, 2)), 1)
     pm3(torch.randn(2, 3)).sum().backward()
     assert sorted(copied) == ["0.bias", "0.weight"]  # the spy does see copies
+
+
+@pytest.mark.parametrize("options", [dict(padding="same", kernel_size=4), dict(padding="same", kernel_size=(2, 3)),
+                                     dict(padding=1, padding_mode="reflect", kernel_size=3),
+                                     dict(padding=(1, 2), padding_mode="circular", kernel_size=3),
+                                     dict(padding="same", padding_mode="replicate", kernel_size=2)])
+def test_conv2d_asymmetric_same_and_other_padding_modes(options):
+    """The input is padded as Conv2d._conv_forward pads it (the extra of an even 'same' on the right)."""
+    torch.manual_seed(0)
+    check(nn.Conv2d(3, 4, **options), torch.randn(6, 3, 7, 8), 3)

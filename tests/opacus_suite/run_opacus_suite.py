@@ -84,7 +84,58 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 TEST_FILES = ["privacy_engine_test.py", "batch_memory_manager_test.py", "poisson_test.py",
-              "dpdataloader_test.py"]
+              "dpdataloader_test.py", "gradient_accumulation_test.py", "privacy_engine_validation_test.py",
+              "accounting_noise_multiplier_test.py", "schedulers/grad_clip_scheduler_test.py",
+              "schedulers/noise_scheduler_test.py"]
+# Opacus's per-layer grad-sampler tests, run through ADAPTER: the per-sample gradients come from dpdm_fast's
+# engine (p.grad_sample after one backward of a PrivateModule) instead of Opacus's GradSampleModule.
+# (embedding_norm_sample_test.py tests Opacus's ghost-norm internals, which have no dpdm_fast counterpart.)
+GRAD_SAMPLE_FILES = [f"grad_samples/{n}_test.py" for n in (
+    "conv1d", "conv2d", "conv3d", "dp_multihead_attention", "dp_rnn", "embedding_bag", "embedding", "group_norm",
+    "instance_norm1d", "instance_norm2d", "instance_norm3d", "layer_norm", "linear", "rms_norm", "sequence_bias")]
+ALL_FILES = TEST_FILES + GRAD_SAMPLE_FILES
+
+ADAPTER = '''"""dpdm_fast in place of Opacus's GradSampleModule in Opacus's grad_samples tests (written by run_opacus_suite.py)."""
+import numpy as np
+import torch
+from opacus.utils.per_sample_gradients_utils import (ModelWithLoss, clone_module, compute_microbatch_grad_sample,
+                                                     is_batch_empty, trainable_parameters, unpack_packedsequences)
+from torch.nn.utils.rnn import PackedSequence
+
+from dpdm_fast.engine import PrivateModule
+
+
+def compute_opacus_grad_sample(x, module, batch_first=True, loss_reduction="mean", grad_sample_mode="hooks"):
+    """One backward of the engine's private module; p.grad_sample of every trainable parameter (every
+    grad_sample_mode is the engine's one computation). Clipping is irrelevant here: grad_sample is pre-clip."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = clone_module(module)
+    private = PrivateModule(model, max_grad_norm=1.0, loss_reduction=loss_reduction, batch_first=batch_first)
+    try:
+        loss = ModelWithLoss(private, loss_reduction)(x)
+        loss.backward()
+        return {name: p.grad_sample for name, p in trainable_parameters(model)}
+    finally:
+        private.remove_hooks()
+
+
+def compute_grad_samples_microbatch_and_opacus(x, module, batch_first=True, loss_reduction="mean",
+                                               grad_sample_mode="hooks", chunk_method=iter):
+    if type(x) is PackedSequence:
+        micro = compute_microbatch_grad_sample(unpack_packedsequences(x), module, batch_first=batch_first,
+                                               loss_reduction=loss_reduction, chunk_method=chunk_method)
+    elif not is_batch_empty(x):
+        micro = compute_microbatch_grad_sample(x, module, batch_first=batch_first, loss_reduction=loss_reduction,
+                                               chunk_method=chunk_method)
+    else:
+        raise RuntimeError("x is expected to be non-empty.")
+    ours = compute_opacus_grad_sample(x, module, batch_first=batch_first, loss_reduction=loss_reduction,
+                                      grad_sample_mode=grad_sample_mode)
+    if micro.keys() != ours.keys():
+        raise ValueError(f"Keys not matching: {sorted(micro.keys() ^ ours.keys())}")
+    return micro, ours
+'''
 
 # (file, exact pattern, replacement). Each pattern must occur exactly once in its file.
 REWRITES: list[tuple[str, str, str]] = [
@@ -104,6 +155,28 @@ REWRITES: list[tuple[str, str, str]] = [
     ("poisson_test.py",
      "from opacus.utils.uniform_sampler import UniformWithReplacementSampler\n",
      "from dpdm_fast.engine.sampling.poisson import PoissonBatchSampler as UniformWithReplacementSampler\n"),
+    ("gradient_accumulation_test.py",
+     "from opacus import PrivacyEngine\n",
+     "from dpdm_fast import PrivacyEngine\n"),
+    ("gradient_accumulation_test.py",
+     "from opacus.utils.batch_memory_manager import BatchMemoryManager\n",
+     "from dpdm_fast import BatchMemoryManager\n"),
+    ("privacy_engine_validation_test.py",
+     "from opacus import PrivacyEngine\n",
+     "from dpdm_fast import PrivacyEngine\n"),
+    ("accounting_noise_multiplier_test.py",   # (its AdaClipDPOptimizer/DPOptimizer built by hand stay Opacus's)
+     "from opacus import PrivacyEngine\n",
+     "from dpdm_fast import PrivacyEngine\n"),
+    ("grad_clip_scheduler_test.py",
+     "from opacus import PrivacyEngine\n",
+     "from dpdm_fast import PrivacyEngine\n"),
+    ("noise_scheduler_test.py",
+     "from opacus import PrivacyEngine\n",
+     "from dpdm_fast import PrivacyEngine\n"),
+    ("common.py",
+     "    compute_grad_samples_microbatch_and_opacus,\n    compute_opacus_grad_sample,\n    is_batch_empty,\n)\n",
+     "    is_batch_empty,\n)\nfrom .dpdm_fast_adapter import compute_grad_samples_microbatch_and_opacus, "
+     "compute_opacus_grad_sample\n"),
 ]
 
 # Opacus names that must no longer be imported by a swapped file (a check on the table above).
@@ -198,17 +271,22 @@ def local_helpers(src: str) -> list[str]:
 
 
 def prepare(tmp: Path, src_dir: Path, files: list[str], swap: bool) -> Path:
+    """Copies the files (and their local helpers) into one flat package; the rewrites are keyed by file name."""
     pkg = tmp / ("opacus_suite_swapped" if swap else "opacus_suite_baseline")
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
+    if swap:
+        (pkg / "dpdm_fast_adapter.py").write_text(ADAPTER)
     todo, done = list(files), set()
     while todo:
-        name = todo.pop(0)
-        if name in done:
+        rel = todo.pop(0)
+        if rel in done:
             continue
-        done.add(name)
-        text = (src_dir / name).read_text()
-        todo += local_helpers(text)
+        done.add(rel)
+        name = Path(rel).name
+        text = (src_dir / rel).read_text()
+        folder = str(Path(rel).parent)
+        todo += [h if folder == "." else f"{folder}/{h}" for h in local_helpers(text)]
         if swap:
             for fname, pattern, repl in REWRITES:
                 if fname != name:
@@ -217,7 +295,7 @@ def prepare(tmp: Path, src_dir: Path, files: list[str], swap: bool) -> Path:
                 if n != 1:
                     sys.exit(f"rewrite table out of date: {pattern!r} occurs {n} times in {name} (expected 1)")
                 text = text.replace(pattern, repl)
-            if name in TEST_FILES:
+            if rel in TEST_FILES:
                 for pat in MUST_BE_GONE:
                     if re.search(pat, text, flags=re.M):
                         sys.exit(f"{name} still imports an Opacus name meant to be swapped ({pat})")
@@ -230,7 +308,7 @@ def prepare(tmp: Path, src_dir: Path, files: list[str], swap: bool) -> Path:
 def run_pytest(tmp: Path, pkg: Path, files: list[str], args) -> tuple[Path, float, int]:
     xml = tmp / f"{pkg.name}.xml"
     log = tmp / f"{pkg.name}.log"
-    cmd = [sys.executable, "-m", "pytest", *[str(pkg / f) for f in files], "-q", "-rA",
+    cmd = [sys.executable, "-m", "pytest", *[str(pkg / Path(f).name) for f in files], "-q", "-rA",
            "-p", "no:cacheprovider", "-c", str(tmp / "pytest.ini"), "--rootdir", str(tmp),
            f"--junitxml={xml}", "-o", "junit_family=xunit2"]
     if args.k:
@@ -302,7 +380,7 @@ def summarise(title: str, results: list[dict], wall: float, rc: int, files: list
     lines += ["| file | " + " | ".join(statuses) + " | time (s) |", "|---" * (len(statuses) + 2) + "|"]
     tot = {s: 0 for s in statuses}
     for f in files + ["TOTAL"]:
-        rs = [r for r in results if f == "TOTAL" or r["file"] == f]
+        rs = [r for r in results if f == "TOTAL" or r["file"] == Path(f).name]
         c = {s: sum(r["status"] == s for r in rs) for s in statuses}
         if f != "TOTAL":
             for s in statuses:
@@ -351,7 +429,7 @@ def main() -> int:
                     help="markdown summary (default tests/opacus_suite/RESULTS.md, RESULTS_opacus.md with --opacus)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (copies, xml, log)")
     ap.add_argument("-k", default=None, help="passed to pytest -k")
-    ap.add_argument("--files", nargs="+", default=TEST_FILES, choices=TEST_FILES, help="subset of test files")
+    ap.add_argument("--files", nargs="+", default=ALL_FILES, choices=ALL_FILES, help="subset of test files")
     ap.add_argument("--max-examples", type=int, default=0,
                     help="cap hypothesis max_examples (default 0 = as the tests define them, i.e. hypothesis's 100; "
                          "e.g. 5 for a quick look)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from torch.nn.modules import module as _module_globals
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
 from .forward_state import ForwardState, in_backward
@@ -44,6 +45,10 @@ class ModelGuard:
             raise RuntimeError("global module forward hooks are registered (torch.nn.modules.module."
                                "register_module_forward_hook); they run before the engine's hooks and can change a "
                                "layer's output behind its rule's back: remove them while training privately")
+        if any(isinstance(t, PackedSequence) for t in (*args, *kwargs.values())):
+            raise NotImplementedError("PackedSequence inputs are not supported: each time step of a packed batch "
+                                      "has its own number of rows, while the engine's per-example buffer has one; "
+                                      "pass the padded batch (pad_packed_sequence) and mask the loss instead")
         dim = state.batch_dim
         state.rows = next((t.shape[dim] for t in tree_flatten((args, kwargs))[0]
                            if isinstance(t, torch.Tensor) and t.dim() > dim), None)

@@ -15,11 +15,8 @@ UNFOLD_MAX_BYTES = 256 * 2**20
 
 
 def _check_conv(module: nn.Conv2d) -> None:
-    if module.padding_mode != "zeros":
-        raise NotImplementedError(f"Conv2d with padding_mode={module.padding_mode!r} has no per-group rule "
-                                  "(only 'zeros'); pad the input explicitly with F.pad instead")
-    if isinstance(module.padding, str):
-        _explicit_padding(module)
+    if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise NotImplementedError(f"Conv2d with padding_mode={module.padding_mode!r} has no per-group rule")
 
 
 @register_rule(nn.Conv2d, methods=("forward", "_conv_forward"), check=_check_conv, input_ndim=lambda d: d == 4)
@@ -32,14 +29,13 @@ def conv2d_rule(module: nn.Conv2d, inputs: tuple, g: torch.Tensor, K: int, out: 
     small weights) per-row gradients by one grouped call without transposing the activations, then
     summed over each example's K rows.
     """
-    x = inputs[0]
+    x, padding = conv_input_and_padding(module, inputs[0])   # (non-zero padding modes pad the input first)
     B = x.shape[0] // K
     res = {}
     gg = groups(g, K)                                                        # (B, K, O, Ho, Wo)
     if module.weight.requires_grad and B == 0:
         res["weight"] = x.new_zeros(0, *module.weight.shape)
     elif module.weight.requires_grad:
-        padding = conv_padding(module)
         kw = dict(stride=module.stride, padding=padding, dilation=module.dilation, groups=module.groups)
         shape = module.weight.shape
         paths = weight_paths(x, g, shape, K, block(out, "weight"), **kw)
@@ -69,22 +65,36 @@ def path_key(x, g, shape, K, stride, padding, dilation, groups) -> tuple:
             tuple(shape), tuple(stride), tuple(padding), tuple(dilation), groups)
 
 
-def conv_padding(module: nn.Conv2d) -> tuple:
-    """The conv's zero padding as numbers (a string padding, 'same' / 'valid', resolved)."""
-    return tuple(module.padding) if not isinstance(module.padding, str) else _explicit_padding(module)
-
-
-def _explicit_padding(module: nn.Conv2d) -> tuple:
+def conv_padding(module: nn.Conv2d) -> tuple | None:
+    """The conv's symmetric zero padding as numbers ('same' / 'valid' resolved); None when the padding is
+    not that (another padding mode, or an asymmetric 'same'): the fused kernels do not cover it."""
+    if module.padding_mode != "zeros":
+        return None
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
     if module.padding == "valid":
-        return (0, 0)
-    # 'same' (stride 1): total padding dilation*(k-1), PyTorch puts the extra on the right/bottom
-    pads = []
-    for k, d in zip(module.kernel_size, module.dilation):
-        total = d * (k - 1)
-        if total % 2:
-            raise NotImplementedError("Conv2d padding='same' with an asymmetric padding has no per-group rule")
-        pads.append(total // 2)
-    return tuple(pads)
+        return (0,) * len(module.kernel_size)
+    totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+    return None if any(t % 2 for t in totals) else tuple(t // 2 for t in totals)
+
+
+def conv_input_and_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple:
+    """(input the convolution runs on, its remaining symmetric zero padding), as ``_conv_forward`` has them."""
+    nd = x.dim() - 2
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * nd
+    if module.padding == "valid":
+        return x, (0,) * nd
+    if module.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        if all(t % 2 == 0 for t in totals):
+            return x, tuple(t // 2 for t in totals)
+        pad = []
+        for t in reversed(totals):            # F.pad lists the last dim first; the extra goes on the right
+            pad += [t // 2, t - t // 2]
+        return F.pad(x, pad), (0,) * nd
+    return x, tuple(module.padding)
+
 
 
 def _into(w: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:

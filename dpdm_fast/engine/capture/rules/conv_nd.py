@@ -18,26 +18,9 @@ import torch.nn.functional as F
 
 from ...profiling import profile_scope
 from ..autotune import batch_bucket, run_fastest
-from .conv import UNFOLD_MAX_BYTES, path_key as conv2d_path_key, weight_paths as conv2d_weight_paths
+from .conv import UNFOLD_MAX_BYTES, conv_input_and_padding, path_key as conv2d_path_key
+from .conv import weight_paths as conv2d_weight_paths
 from .registry import block, groups, register_rule
-
-
-def conv_input_and_padding(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> tuple:
-    """(input the convolution runs on, its remaining symmetric zero padding), as ``_conv_forward`` has them."""
-    nd = x.dim() - 2
-    if module.padding_mode != "zeros":
-        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * nd
-    if module.padding == "valid":
-        return x, (0,) * nd
-    if module.padding == "same":
-        totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
-        if all(t % 2 == 0 for t in totals):
-            return x, tuple(t // 2 for t in totals)
-        pad = []
-        for t in reversed(totals):            # F.pad lists the last dim first; the extra goes on the right
-            pad += [t // 2, t - t // 2]
-        return F.pad(x, pad), (0,) * nd
-    return x, tuple(module.padding)
 
 
 def weight_grad(x, g, shape, stride, padding, dilation, groups, transposed=False, output_padding=None):
