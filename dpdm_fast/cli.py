@@ -151,6 +151,9 @@ def _bench_distributed(args: argparse.Namespace, workloads: list[str]) -> int:
     from .benchmarks.distributed import run_distributed, write_distributed
     if args.distributed < 2:
         raise ValueError(f"--distributed {args.distributed}: give the number of processes to compare with one (>= 2)")
+    from .benchmarks import WORKLOADS
+    if any(WORKLOADS[w].task != "diffusion" for w in workloads):
+        raise ValueError("--distributed times the diffusion workloads only (small, mnist or celeba)")
     if len(workloads) != 1:
         raise ValueError("--distributed times one workload at a time (--workloads small, mnist or celeba)")
     grid = args.grid or [(16, 2), (32, 4)]
@@ -204,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.set_defaults(func=cmd_sample)
     bench = sub.add_parser("bench", help="benchmark every DP engine side by side (quick CPU grid by default)")
     bench.add_argument("--engines", default="nonprivate,dpdm_fast,opacus_kavg,opacus_ghost,functorch")
-    bench.add_argument("--workloads", default="mnist", help="comma list of: mnist, small, celeba")
+    bench.add_argument("--workloads", default="mnist", help="comma list of: mnist, small, celeba, lstm_lm")
     bench.add_argument("--grid", type=_grid, default=None,
                        help="cells as BxK, e.g. 8x4,16x8,32x4, or 'full' (B in 16,64,256,1024 x K in 1,2,8,32)")
     bench.add_argument("--max-step-s", type=float, default=None,

@@ -112,3 +112,28 @@ def test_distributed_mode_times_one_and_two_processes_and_the_all_reduce(tmp_pat
     assert cell["flat_bytes"] == 4 * cell["params"]
     assert cell["max_weight_difference"] < 1e-5   # the 2-process engine did the 1-process engine's steps
     assert "| 4 x 2 |" in (tmp_path / "distributed.md").read_text()
+
+
+def test_lstm_lm_workload_engines_agree_on_the_clipped_noise_free_update():
+    """The tied-embedding LSTM workload: the engines build and step, and dpdm_fast, Opacus hooks +
+    K-averaging and the per-example loop give the same noise-free clipped update."""
+    import torch
+    from dpdm_fast.benchmarks.engines import WORKLOADS, lm_row_losses, make_batch
+    from dpdm_fast.engine.reference import opacus_k_averaged_update, per_example_loop_update
+    for engine in ["nonprivate", "dpdm_fast", "opacus_kavg"]:
+        step, nparams = build_engine(engine, "lstm_lm", 2, 2)
+        step()
+        assert nparams == 256 * 128 + 4 * (128 * 128 * 2 + 2 * 128)   # the tied weight counted once
+    torch.manual_seed(0)
+    _, rows = make_batch(WORKLOADS["lstm_lm"], 2, 2, torch.device("cpu"))
+    ours = per_example_loop_update(WORKLOADS["lstm_lm"].make_net(), lm_row_losses, rows, 2, 0.5, 2)
+    torch.manual_seed(0)
+    assert torch.allclose(ours, opacus_k_averaged_update(WORKLOADS["lstm_lm"].make_net(), lm_row_losses, rows, 2,
+                                                         0.5, 2), atol=1e-6)
+    from engine_helpers import flat_grad, rel, zero_noise_engine
+    torch.manual_seed(0)
+    net = WORKLOADS["lstm_lm"].make_net()
+    pm, opt = zero_noise_engine(net, 2, 0.5, 2)
+    lm_row_losses(pm, *rows).mean().backward()
+    opt.step()
+    assert rel(flat_grad(net), ours) < 1e-5

@@ -1,6 +1,9 @@
 """One training step (forward, backward, clip, noise, Adam) per engine, all on the same model and rows.
 
-Every engine trains the same network on the same B examples x K noisy rows (group-major):
+Every engine trains the same network on the same B examples x K rows (group-major): for the diffusion
+workloads K noisy copies of each image; for ``lstm_lm`` (a next-token language model with an embedding
+tied to its output layer, Opacus's DPLSTM in between: the "transformer-style" workload, whose
+parameters are used at every time step) K copies of each token sequence.
   nonprivate    plain Adam on the mean loss: the floor
   dpdm_fast     this engine, torch backend (one gradient per example, the K-sum inside the GEMM);
                 dpdm_fast_triton / dpdm_fast_cuda: the same with the fused kernels (GPU only)
@@ -29,9 +32,26 @@ class Workload:
     name: str
     description: str
     make_net: Callable[[], nn.Module]
-    channels: int
-    size: int
-    labels: bool
+    channels: int = 0
+    size: int = 0
+    labels: bool = False
+    task: str = "diffusion"    # or "lm": rows are token sequences (see make_batch)
+
+
+class TiedLSTMLM(nn.Module):
+    """Next-token LM: embedding -> Opacus DPLSTM -> output layer sharing the embedding's weight."""
+
+    def __init__(self, vocab: int = 256, dim: int = 128, layers: int = 1):
+        super().__init__()
+        from opacus.layers import DPLSTM
+        self.emb = nn.Embedding(vocab, dim)
+        self.lstm = DPLSTM(dim, dim, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        h, _ = self.lstm(self.emb(tokens))
+        return self.out(h)
 
 
 WORKLOADS = {
@@ -42,7 +62,36 @@ WORKLOADS = {
     "celeba": Workload("celeba", "DPDM CelebA-32 net (1.80M params, 32x32, unconditional)",
                        lambda: NCSNpp(32, [16, 8], num_in_channels=3, num_out_channels=3, label_dim=0,
                                       use_cfg=False), 3, 32, False),
+    "lstm_lm": Workload("lstm_lm", "LSTM language model with tied embedding/output (vocab 256, dim 128, "
+                        "sequences of 32 tokens; Opacus DPLSTM)", TiedLSTMLM, task="lm"),
 }
+LM_SEQUENCE = 32
+
+
+class DiffusionRows:
+    """Per-row EDM losses of a denoiser on (clean, sigma, noise, labels) rows."""
+
+    def __init__(self, loss: EDMLoss):
+        self.loss = loss
+
+    def __call__(self, model, clean, sigma, noise, y) -> torch.Tensor:
+        return row_losses(self.loss, model, clean, sigma, noise, y)
+
+
+def lm_row_losses(model, tokens) -> torch.Tensor:
+    """Per-row next-token cross-entropy, averaged over the positions of the row."""
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+
+
+def make_batch(w: Workload, B: int, K: int, device: torch.device, seed: int = 0):
+    """(loss of rows: (model, *rows) -> (B*K,) per-row losses, the rows)."""
+    if w.task == "lm":
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, 256, (B, LM_SEQUENCE + 1), generator=g).repeat_interleave(K, 0)
+        return lm_row_losses, (tokens.to(device),)
+    loss, rows = make_rows(w, B, K, device, seed)
+    return DiffusionRows(loss), rows
 
 
 def make_rows(w: Workload, B: int, K: int, device: torch.device, seed: int = 0):
@@ -59,25 +108,25 @@ def row_losses(loss: EDMLoss, model: nn.Module, clean, sigma, noise, y) -> torch
     return (loss.weight(sigma) * (pred - clean) ** 2).reshape(clean.shape[0], -1).mean(1)
 
 
-def _nonprivate(net, loss, rows, B, K, device):
+def _nonprivate(net, loss_fn, rows, B, K, device):
     opt = torch.optim.Adam(net.parameters(), lr=LR)
 
     def step():
-        row_losses(loss, net, *rows).mean().backward()
+        loss_fn(net, *rows).mean().backward()
         opt.step()
         opt.zero_grad()
     return step
 
 
 def _dpdm_fast(backend):
-    def build(net, loss, rows, B, K, device):
+    def build(net, loss_fn, rows, B, K, device):
         from ..engine import DPOptimizer, PrivateModule
         pm = PrivateModule(net, noise_multiplicity=K, max_grad_norm=C, backend=backend)
         opt = DPOptimizer(torch.optim.Adam(net.parameters(), lr=LR), pm.collector, noise_multiplier=SIGMA,
                           max_grad_norm=C, expected_batch_size=B, generator=torch.Generator(device).manual_seed(0))
 
         def step():
-            row_losses(loss, pm, *rows).mean().backward()
+            loss_fn(pm, *rows).mean().backward()
             opt.step()
             opt.zero_grad()
         return step
@@ -95,7 +144,7 @@ def _noise_and_step(params, per_example, B, opt, gen):
     opt.zero_grad()
 
 
-def _opacus_kavg(net, loss, rows, B, K, device):
+def _opacus_kavg(net, loss_fn, rows, B, K, device):
     from opacus import GradSampleModule
     gsm = GradSampleModule(net, loss_reduction="mean")
     params = [p for p in net.parameters() if p.requires_grad]
@@ -103,7 +152,7 @@ def _opacus_kavg(net, loss, rows, B, K, device):
     gen = torch.Generator(device).manual_seed(0)
 
     def step():
-        row_losses(loss, gsm, *rows).mean().backward()
+        loss_fn(gsm, *rows).mean().backward()
         per_example = [p.grad_sample.reshape(B, K, *p.shape).mean(1) for p in params]
         for p in params:
             p.grad_sample = None
@@ -120,7 +169,10 @@ class _RowCriterion:
         return per_row if self.reduction == "none" else per_row.mean()
 
 
-def _opacus_ghost(net, loss, rows, B, K, device):
+def _opacus_ghost(net, loss_fn, rows, B, K, device):
+    if not isinstance(loss_fn, DiffusionRows):
+        raise NotImplementedError("opacus_ghost is wired for the diffusion workloads only")
+    loss = loss_fn.loss
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
     from opacus.optimizers import DPOptimizerFastGradientClipping
     from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
@@ -138,16 +190,16 @@ def _opacus_ghost(net, loss, rows, B, K, device):
     return step
 
 
-def _functorch(net, loss, rows, B, K, device):
+def _functorch(net, loss_fn, rows, B, K, device):
     from torch.func import functional_call, grad, vmap
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=LR)
     gen = torch.Generator(device).manual_seed(0)
 
-    def group_loss(p, clean, sigma, noise, y):
-        model = lambda x, c, lab: functional_call(net, p, (x, c, lab))  # noqa: E731
-        return row_losses(loss, model, clean, sigma, noise, y).mean()
+    def group_loss(p, *group_rows):
+        model = lambda *args: functional_call(net, p, args)  # noqa: E731
+        return loss_fn(model, *group_rows).mean()
 
     def step():
         p = {n: t.detach() for n, t in zip(names, params)}
@@ -179,8 +231,8 @@ def build_engine(engine: str, workload: str, B: int, K: int, device: str | torch
     w = WORKLOADS[workload]
     torch.manual_seed(seed)
     net = w.make_net().to(device)
-    loss, rows = make_rows(w, B, K, device, seed)
+    loss_fn, rows = make_batch(w, B, K, device, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        step = ENGINES[engine][0](net, loss, rows, B, K, device)
+        step = ENGINES[engine][0](net, loss_fn, rows, B, K, device)
     return step, sum(p.numel() for p in net.parameters())
