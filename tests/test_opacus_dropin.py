@@ -92,12 +92,35 @@ def test_opacus_dp_rnn_layers_match_the_loop(cell, K):
         assert rel(ours, opacus_k_averaged_update(fresh(Recurrent, cell), ce_rows, (x, y), 1, 0.05, 3)) < 1e-5
 
 
-def test_two_forwards_in_one_backward_are_refused():
-    """Row b of both forwards would be one group: two examples clipped together (sensitivity 2C)."""
-    pm, _ = zero_noise_engine(fresh(TiedLM), 1, 1.0, 1)
-    x = torch.randint(0, 13, (2, 5))
-    with pytest.raises(RuntimeError, match="two forward passes"):
-        (pm(x).sum() + pm(x).sum()).backward()
+def test_one_backward_through_two_forwards_sums_row_b_of_each_as_opacus():
+    """DCGAN's discriminator loss (real batch + generated batch, one backward): example b's gradient is the
+    sum of row b's in both forwards, clipped once, as Opacus's per-sample gradients are."""
+    torch.manual_seed(6)
+    real, fake, y = torch.randint(0, 13, (3, 5)), torch.randint(0, 13, (3, 5)), torch.randint(0, 13, (3,))
+
+    def both(model, real, fake, y):
+        return F.cross_entropy(model(real), y, reduction="none") + F.cross_entropy(model(fake), y, reduction="none")
+    ours = engine_update(fresh(TiedLM), (real, fake, y), 1, 0.05, 3, loss=both)
+    assert rel(ours, per_example_loop_update(fresh(TiedLM), both, (real, fake, y), 1, 0.05, 3)) < 1e-5
+    assert rel(ours, opacus_k_averaged_update(fresh(TiedLM), both, (real, fake, y), 1, 0.05, 3)) < 1e-5
+
+
+def test_a_batch_split_over_two_forwards_of_one_backward_is_refused_at_the_step():
+    """Row b of each half would be one group (two private examples clipped together): the step's check of the
+    clipped examples against the loader's batch catches it."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from dpdm_fast import PrivacyEngine
+    model = fresh(TiedLM)
+    data = TensorDataset(torch.randint(0, 13, (8, 5)), torch.randint(0, 13, (8,)))
+    with pytest.warns(UserWarning):
+        pm, opt, loader = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                       data_loader=DataLoader(data, batch_size=8),
+                                                       noise_multiplier=1.0, max_grad_norm=1.0,
+                                                       poisson_sampling=False)
+    x, y = next(iter(loader))
+    (F.cross_entropy(pm(x[:4]), y[:4]) + F.cross_entropy(pm(x[4:]), y[4:])).backward()
+    with pytest.raises(RuntimeError, match="batch"):
+        opt.step()
 
 
 def test_a_tied_weight_used_directly_by_its_outer_owner_is_refused():

@@ -21,7 +21,6 @@ class ForwardState:
         self.batch_dim = 0 if batch_first else 1   # the model's batch dimension (make_private's batch_first)                 # where the layers' rules write (GroupGradientCollector)
         self.trigger = torch.zeros((), device=device, requires_grad=True)
         self.trigger_node = torch.autograd.graph.get_gradient_edge(self.trigger).node
-        self.forward_id = 0                        # counts the model's training forwards (one per batch)
         self.calls: set[int] = set()               # id(layer) of the layers run in this forward
         self.frozen: dict[int, list] = {}          # id(layer) -> its parameters frozen while it runs
         self.held: dict[int, str] = {}             # id(param) -> the running layer that froze it

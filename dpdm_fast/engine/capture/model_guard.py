@@ -38,7 +38,6 @@ class ModelGuard:
                                "(or private.remove_hooks() to get the plain model back); under "
                                "torch.no_grad() the model can be used as is, e.g. for sampling")
         state.calls.clear()
-        state.forward_id += 1
         self._check_structure()
         self._check_trainable()
         if _module_globals._global_forward_hooks:

@@ -7,15 +7,14 @@ import torch
 from .rules import functorch_rule
 
 
-def compute(site, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor, extra: tuple = (),
-            forward: int | None = None) -> None:
+def compute(site, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor, extra: tuple = ()) -> None:
     """Write the per-group gradients of ``site``'s parameters ``names`` for this call into the buffer."""
     state = site.state
     collector = state.collector
     if site.batch_dim:   # sequence-first (batch_first=False): rules take the rows on dim 0
         args, kwargs, grad_out = _rows_first(args, kwargs, grad_out, site.batch_dim)
         extra = ()       # (statistics saved in the forward's layout: the rule recomputes them)
-    if collector.begin(grad_out.shape[0], grad_out.device, forward) == 0:
+    if collector.begin(grad_out.shape[0], grad_out.device) == 0:
         for n in names:
             collector.write(site.params[n], grad_out.new_zeros(0, *site.params[n].shape), site.full_name(n))
         return

@@ -105,8 +105,7 @@ class LayerSite:
         if self.spec is not None and self.spec.save is not None:
             saved += [t.detach() for t in self.spec.save(module, args, output) or ()]
         call = Call(self, names, [TENSOR if isinstance(a, torch.Tensor) else a for a in args],
-                    {k: TENSOR if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
-                    None if in_backward() else self.state.forward_id)
+                    {k: TENSOR if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
         return Tap.apply(output, self.state.trigger, call, *saved)
 
 

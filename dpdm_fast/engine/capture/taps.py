@@ -28,9 +28,8 @@ class Tap(torch.autograd.Function):
 class Call:
     """One forward call of a layer: which parameters were trainable, and how to rebuild its arguments."""
 
-    def __init__(self, site, names: list, args_template: list, kwargs_template: dict, forward: int | None):
+    def __init__(self, site, names: list, args_template: list, kwargs_template: dict):
         self.site, self.names = site, names
-        self.forward = forward   # which forward of the model ran it (None: recomputed inside a backward)
         self.args_template, self.kwargs_template = args_template, kwargs_template
         self.consumed = False
 
@@ -61,7 +60,7 @@ class Call:
         kwargs = {k: next(it) if v is TENSOR else v for k, v in self.kwargs_template.items()}
         extra = tuple(it)  # what the rule's save() kept
         try:
-            rule_runner.compute(site, self.names, args, kwargs, grad_out, extra, self.forward)
+            rule_runner.compute(site, self.names, args, kwargs, grad_out, extra)
         except BaseException:
             state.collector.abort()  # leave no half-written backward behind for the next one
             raise

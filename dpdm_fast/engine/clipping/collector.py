@@ -52,7 +52,6 @@ class GroupGradientCollector:
         self._B: int | None = None                  # examples of the backward pass in progress
         self._task = -1
         self._rows = 0
-        self._forward: int | None = None            # the model forward this backward pass comes from
 
     @property
     def max_grad_norm(self) -> float:
@@ -127,10 +126,12 @@ class GroupGradientCollector:
         self.active = active
 
     # -- during backward -------------------------------------------------------------------
-    def begin(self, rows: int, device: torch.device, forward: int | None = None) -> int:
+    def begin(self, rows: int, device: torch.device) -> int:
         """Called by each layer's rule during backward: the number of examples B of this pass
-        (the first call of a backward pass sets up the buffer for it). ``forward`` identifies the
-        model's forward that ran the layer (None: unknown, e.g. recomputed by checkpointing)."""
+        (the first call of a backward pass sets up the buffer for it). Row b of every forward this
+        backward reaches belongs to example b's group (as Opacus sums per-sample gradients over a
+        loss of several forwards, e.g. DCGAN's real and generated batches); the step's check of the
+        clipped examples against the loader's batch refuses a batch split over several forwards."""
         task = torch._C._current_graph_task_id()
         if self._B is not None and task != self._task:
             self.abort()  # a previous backward died half-way: its partial sums must not leak into this one
@@ -149,19 +150,11 @@ class GroupGradientCollector:
                 raise RuntimeError(f"the model runs on {device} but the engine was set up on {self._clipped_sum.device}: "
                                    "move the model to its device before make_private (as with Opacus)")
             self._buffer.prepare(B, device)
-            self._B, self._rows, self._task, self._forward = B, rows, task, forward
+            self._B, self._rows, self._task = B, rows, task
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         elif rows != self._rows:
             raise RuntimeError(f"one backward pass saw layers with {self._rows} and {rows} rows: "
                                "call backward once per forward of the private module")
-        elif forward is not None and self._forward is not None and forward != self._forward:
-            # Row b of two forwards would be one group: two examples clipped together, whose removal could move
-            # the sum by up to 2 C, which the noise is not calibrated for.
-            raise RuntimeError("one backward pass reached two forward passes of the private module (a loss summed "
-                               "over two batches): per-example clipping needs one backward per forward, e.g. "
-                               "loss1.backward(); loss2.backward() before optimizer.step()")
-        elif self._forward is None:
-            self._forward = forward
         return self._B
 
     def target(self, param: nn.Parameter) -> torch.Tensor:
