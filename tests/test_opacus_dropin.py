@@ -370,3 +370,15 @@ def test_ghost_mode_returns_opacus_four_values_and_the_same_update():
     assert rel(ghost, flat_grad(model2)) < 1e-6
     with pytest.raises(ValueError, match="criterion"):
         small_engine(grad_sample_mode="ghost")
+
+
+def test_without_the_views_the_update_is_the_same_and_no_attribute_is_set():
+    updates = []
+    for views in (True, False):
+        model, pm, opt, loader = small_engine(C=0.3, grad_sample_views=views)
+        x, y = next(iter(loader))
+        F.cross_entropy(pm(x), y).backward()
+        assert (getattr(model[0].weight, "grad_sample", None) is not None) == views
+        opt.step()
+        updates.append(flat_grad(model))
+    assert rel(updates[1], updates[0]) < 1e-6

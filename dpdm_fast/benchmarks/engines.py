@@ -121,7 +121,8 @@ def _nonprivate(net, loss_fn, rows, B, K, device):
 def _dpdm_fast(backend):
     def build(net, loss_fn, rows, B, K, device):
         from ..engine import DPOptimizer, PrivateModule
-        pm = PrivateModule(net, noise_multiplicity=K, max_grad_norm=C, backend=backend)
+        pm = PrivateModule(net, noise_multiplicity=K, max_grad_norm=C, backend=backend,
+                           grad_sample_views=False)   # as the trainer runs it
         opt = DPOptimizer(torch.optim.Adam(net.parameters(), lr=LR), pm.collector, noise_multiplier=SIGMA,
                           max_grad_norm=C, expected_batch_size=B, generator=torch.Generator(device).manual_seed(0))
 

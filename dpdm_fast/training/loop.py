@@ -275,7 +275,7 @@ class Trainer:
             module=self.model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm, noise_multiplicity=cfg.loss.n_noise_samples,
             noise_generator=self.noise_gen, backend=cfg.dp.backend, distributed=ranks.distributed,
-            public_dataset_size=cfg.data.public_size)
+            public_dataset_size=cfg.data.public_size, grad_sample_views=False)   # (no scaling pass)
         if self.loader.sample_rate != plan.sample_rate:   # the accountant is told exactly the sampler's rate
             raise RuntimeError(f"internal: loader samples at {self.loader.sample_rate}, plan says {plan.sample_rate}")
         if self.optimizer.expected_batch_size != plan.divisor:

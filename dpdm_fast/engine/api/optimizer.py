@@ -80,7 +80,8 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears p.grad; also drops accumulated clipped sums unless the last step was a skipped one."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
-        self.collector.views.clear(summed_grad=not self._last_step_skipped)
+        if self.collector.views is not None:
+            self.collector.views.clear(summed_grad=not self._last_step_skipped)
         if not self._last_step_skipped:
             self.collector.reset()
 
@@ -141,7 +142,8 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
         batches = (check_batches(self.ledger, collector, self.one_batch_per_step) if self.ledger is not None
                    else max(1, accumulated))
         check_no_ordinary_gradients(self.param_groups, collector.layout)
-        collector.views.check_unchanged()
+        if collector.views is not None:
+            collector.views.check_unchanged()
         self.accumulated_iterations = batches
         divisor = 1
         if self.loss_reduction == "mean":

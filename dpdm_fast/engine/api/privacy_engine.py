@@ -57,7 +57,8 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
                      noise_multiplicity: int = 1, backend: str = "auto", strict: bool = False,
                      clipping: str = "flat", batch_first: bool = True, grad_sample_mode: str | None = None,
                      wrap_model: bool = True, rand_on_empty: bool = False, criterion: Any = None,
-                     distributed: bool | None = None, public_dataset_size: int | None = None, **kwargs):
+                     distributed: bool | None = None, public_dataset_size: int | None = None,
+                     grad_sample_views: bool = True, **kwargs):
         """Returns (private module, DP optimizer, data loader), like Opacus.
 
         After ``loss.backward()`` on the mean (or sum) loss over B*K group-major rows, ``step()``
@@ -80,7 +81,9 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
           "ghost" also returns Opacus's fourth value, a loss wrapper built from ``criterion``
           (``DPLoss``), whose ``backward()`` is the reduced loss's.
         - After each backward, ``p.grad_sample`` and ``p.summed_grad`` are views of the engine's
-          per-example buffer and clipped sum (see ``dpdm_fast.engine.clipping.opacus_views``).
+          per-example buffer and clipped sum (see ``dpdm_fast.engine.clipping.opacus_views``); the views
+          cost one scaling pass over the buffer per backward, which ``grad_sample_views=False`` (what
+          the DPDM trainer passes) saves: the attributes are then not set.
 
         ``distributed=True`` (or a module wrapped in Opacus's ``DPDDP``) trains one model across the
         ranks of the initialised torch.distributed job (see ``dpdm_fast.engine.distributed``): rank 0's
@@ -108,7 +111,8 @@ class PrivacyEngine(Accounting, ModuleCompatibility):
         bounds = layout_bounds(clipping, max_grad_norm, optimizer, [p for p in module.parameters() if p.requires_grad])
         private = PrivateModule(module, noise_multiplicity=noise_multiplicity, max_grad_norm=bounds,
                                 loss_reduction=loss_reduction, backend=backend, strict=strict,
-                                allow_direct_calls=not wrap_model, batch_first=batch_first)
+                                allow_direct_calls=not wrap_model, batch_first=batch_first,
+                                grad_sample_views=grad_sample_views)
         wrapped = private_loader(data_loader, poisson_sampling=poisson_sampling, secure_mode=self.secure_mode,
                                  replicas=replicas, public_dataset_size=public_dataset_size,
                                  batch_first=batch_first)

@@ -42,7 +42,7 @@ class PrivateModule(nn.Module):
 
     def __init__(self, module: nn.Module, *, noise_multiplicity: int = 1, max_grad_norm: float = 1.0,
                  loss_reduction: str = "mean", backend: str = "auto", strict: bool = False,
-                 allow_direct_calls: bool = False, batch_first: bool = True):
+                 allow_direct_calls: bool = False, batch_first: bool = True, grad_sample_views: bool = True):
         super().__init__()
         if isinstance(module, PrivateModule):
             raise ValueError("the module is already a PrivateModule: pass its plain model (private.remove_hooks())")
@@ -51,7 +51,7 @@ class PrivateModule(nn.Module):
         self._register_load_state_dict_pre_hook(self._accept_plain_keys, with_module=True)
         self.trainable = [p for p in module.parameters() if p.requires_grad]
         self.collector = GroupGradientCollector(FlatLayout(self.trainable), noise_multiplicity,
-                                                max_grad_norm, loss_reduction, backend)
+                                                max_grad_norm, loss_reduction, backend, grad_sample_views)
         device = self.trainable[0].device if self.trainable else None
         self._state = ForwardState(self.collector, device, batch_first)
         self._names = {id(p): n for n, p in module.named_parameters()}
@@ -131,7 +131,8 @@ class PrivateModule(nn.Module):
         self._handles.clear()
         self._closed = True
         self.collector.closed = True
-        self.collector.views.clear()   # (the views would keep the per-example buffer alive)
+        if self.collector.views is not None:
+            self.collector.views.clear()   # (the views would keep the per-example buffer alive)
 
     def remove_hooks(self) -> nn.Module:
         """Detach the engine and return the plain model."""

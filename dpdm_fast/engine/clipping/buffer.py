@@ -47,14 +47,16 @@ class PerExampleBuffer:
         return True
 
     def clip_job(self, B: int, written: set, scale: float, max_grad_norm: float, backend,
-                 layer_bounds: torch.Tensor | None = None) -> ClipJob:
+                 layer_bounds: torch.Tensor | None = None, scale_in_place: bool = True) -> ClipJob:
         """The pass's buffer as a job to clip and sum: each example's norm is the norm of its per-parameter
-        norms; a non-finite one is refused, never clipped. The blocks are first scaled in place to the
-        per-example gradients (Opacus's ``grad_sample``, which views them), so the job's scale is 1."""
-        if scale != 1:
+        norms; a non-finite one is refused, never clipped. ``scale_in_place``: the blocks are first
+        scaled to the per-example gradients (Opacus's ``grad_sample`` views them) and the job's scale is
+        1; otherwise the scale is applied with the clip factors (no pass over the buffer)."""
+        self.norm_table.mul_(scale)
+        if scale_in_place and scale != 1:
             with profile_scope("dpdm_fast.scale"):
                 self.storage[:B * self.layout.size].mul_(scale)
-            self.norm_table.mul_(scale)
+        job_scale = 1.0 if scale_in_place else scale
         norms = backend.norms(self.norm_table.t())
         if not torch.isfinite(norms).all():
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
@@ -65,7 +67,7 @@ class PerExampleBuffer:
                 "example, run the model without the engine on those rows and check torch.isfinite of the loss "
                 "(or use torch.autograd.set_detect_anomaly(True)); private.collector.last_norms holds the norms")
         return ClipJob(self.layout, self.storage, B, [id(p) in written for p in self.layout.params], norms,
-                       max_grad_norm, 1.0, layer_bounds, None if layer_bounds is None else self.norm_table)
+                       max_grad_norm, job_scale, layer_bounds, None if layer_bounds is None else self.norm_table)
 
 
 def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -4,9 +4,10 @@ One ``GroupGradientCollector`` holds every DP setting that the clipping uses (K,
 the loss reduction); the optimizer reads them from here, so the noise and the clipping can never
 disagree.
 
-The clip-weighted sum of a backward's buffer is deferred (``ClipJob``) until it is needed: the next
-backward pass (before its buffer is overwritten), a read of ``clipped_sum``, or the step, where
-the backend folds clipping, sum, noise and scaling into one pass over the buffer (``finish``).
+At the end of each backward the buffer becomes a ``ClipJob`` (norms, clip factors) and is folded
+into the step's running clipped sum at once, so that Opacus's ``p.summed_grad`` is that sum after
+every backward; the step's final pass (``finish``) adds the noise and divides. (A fold that fails
+keeps its job, folded at the next backward or the step.)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class GroupGradientCollector:
     """Turns per-group gradients into a running sum of clipped per-example gradients."""
 
     def __init__(self, layout: FlatLayout, noise_multiplicity: int, max_grad_norm: float,
-                 loss_reduction: str, backend: str = "auto"):
+                 loss_reduction: str, backend: str = "auto", grad_sample_views: bool = True):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if noise_multiplicity < 1:
@@ -41,7 +42,8 @@ class GroupGradientCollector:
         self._pending: ClipJob | None = None  # the last backward's buffer, clipped but not yet summed
         self._stale = False            # clipped_sum holds a finished step's sum, to be zeroed before the next
         self.unclipped = 0             # examples flat clipping left unchanged since the last reset (a tensor)
-        self.views = OpacusViews(layout)  # p.grad_sample / p.summed_grad
+        # p.grad_sample / p.summed_grad (views cost one scaling pass over the buffer per backward)
+        self.views = OpacusViews(layout) if grad_sample_views else None
         self.num_examples = 0          # examples folded into clipped_sum since the last reset
         self.backwards_since_step = 0  # backward passes since the optimizer's last step() call
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last backward
@@ -136,8 +138,9 @@ class GroupGradientCollector:
         if self._B is not None and task != self._task:
             self.abort()  # a previous backward died half-way: its partial sums must not leak into this one
         if self._B is None:
-            self.views.check_unchanged()   # before the buffer that p.grad_sample views is overwritten
-            self.views.invalidate()
+            if self.views is not None:
+                self.views.check_unchanged()   # before the buffer that p.grad_sample views is overwritten
+                self.views.invalidate()
             self.flush()  # the previous backward's clip-weighted sum, before its buffer is reused
             if self.closed:
                 raise RuntimeError("this private module was replaced by a later make_private call: train the "
@@ -211,7 +214,7 @@ class GroupGradientCollector:
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
         self._pending = self._buffer.clip_job(B, written, scale, self.max_grad_norm, self.backend,
-                                              self._layer_bounds)
+                                              self._layer_bounds, scale_in_place=self.views is not None)
         self.last_norms = self._pending.norms
         self.unclipped = self.unclipped + self._pending.unclipped()
         self.num_examples += B
@@ -220,7 +223,8 @@ class GroupGradientCollector:
         # Folded in now (not at the step), so that p.summed_grad is the running clipped sum after every
         # backward, as in Opacus; the step's final pass only adds noise.
         self.flush()
-        self.views.expose(self._buffer, B, written, self._clipped_sum)
+        if self.views is not None:
+            self.views.expose(self._buffer, B, written, self._clipped_sum)
 
     def abort(self) -> None:
         """Forget a backward pass that failed half-way (its clipped contributions were never added)."""

@@ -4,9 +4,9 @@ The per-example buffer holds one contiguous (B, numel) block per parameter (see 
 A backend supplies
 
 - ``norms(block, out)``: per-example norms of a block written by a torch rule;
-- ``reduce(job, total, noise, out)``: fold a backward's buffer (``ClipJob``) into the clipped sum,
-  and, in the final pass of a step (``noise`` given), add the noise, divide by the expected batch
-  size and write the parameters' flat gradient into ``out``, in one pass.
+- ``reduce(job, total, noise, out)``: fold a backward's buffer (``ClipJob``) into the clipped sum
+  ``total``; in the final pass of a step (``noise`` given), write (total + noise) / expected batch
+  size into ``out``, the parameters' flat gradient, leaving ``total`` as it is.
 
 ``"torch"`` is the reference and the CPU path; ``"triton"`` the fused Triton kernels
 (``dpdm_fast.kernels``); ``"cuda"`` the CUDA C++ twins (``csrc/``). ``"auto"`` picks Triton for a
