@@ -382,3 +382,59 @@ def test_without_the_views_the_update_is_the_same_and_no_attribute_is_set():
         opt.step()
         updates.append(flat_grad(model))
     assert rel(updates[1], updates[0]) < 1e-6
+
+
+# -- found by review -------------------------------------------------------------------------------
+
+class BatchFirstInside(nn.Module):
+    """Declared sequence-first, but its layer runs batch-first: with T == B its time steps look like examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):                  # x: (T, B, 4)
+        return self.fc(x.transpose(0, 1)).sum(1)
+
+
+def test_batch_first_false_refuses_a_layout_it_cannot_tell_apart():
+    from dpdm_fast.engine import PrivateModule
+    pm = PrivateModule(BatchFirstInside(), max_grad_norm=0.1, batch_first=False)
+    with pytest.raises(ValueError, match="both dim 0 and dim 1"):
+        pm(torch.randn(3, 3, 4))          # T == B on the first call: ambiguous
+    with pytest.raises(ValueError, match="rows"):
+        pm(torch.randn(5, 3, 4))          # T != B: the layer's rows are on dim 0, refused
+    # a sequence-first layer confirmed by a first unambiguous call is then trusted when T == B
+    pm2 = PrivateModule(fresh(SeqFirstAttention), max_grad_norm=0.1, batch_first=False)
+    pm2(torch.randint(0, 17, (5, 3))).sum().backward()
+    pm2(torch.randint(0, 17, (3, 3))).sum().backward()
+
+
+def test_batch_first_false_refuses_the_torch_func_fallback():
+    from dpdm_fast.engine import PrivateModule
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(6, 1, 2))
+
+        def forward(self, x):              # (T, B, 2): the fallback would split it on dim 0
+            return (x + self.pos[:x.shape[0]]).sum(0)
+    with pytest.warns(UserWarning), pytest.raises(NotImplementedError, match="sequence-first"):
+        PrivateModule(Positional(), batch_first=False)
+
+
+def test_an_empty_batch_with_a_parameter_used_twice():
+    pm, opt = zero_noise_engine(fresh(TiedLM), 1, 1.0, 1)
+    pm(torch.zeros(0, 5, dtype=torch.long)).sum().backward()
+    assert pm.collector.num_examples == 0
+
+
+def test_per_layer_bounds_set_again_unchanged_in_the_middle_of_a_step():
+    bounds = [0.1, 0.2, 0.3, 0.7]
+    model, pm, opt, loader = small_engine("per_layer", C=bounds)
+    x, y = next(iter(loader))
+    F.cross_entropy(pm(x), y).backward()
+    opt.max_grad_norm = list(bounds)      # the same bounds: no change, no refusal
+    with pytest.raises(RuntimeError, match="changed while"):
+        opt.max_grad_norm = [0.1, 0.2, 0.3, 0.8]

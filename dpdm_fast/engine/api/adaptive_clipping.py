@@ -63,8 +63,10 @@ class AdaClipDPOptimizer(DPOptimizer):
     def _other_releases(self, batches: int) -> None:
         collector = self.collector
         centred = float(collector.unclipped) - collector.num_examples / 2
-        noise = torch.randn((), generator=self.generator, device=collector.layout_device).item()
-        self.unclipped_num = centred + self.unclipped_num_std * noise
+        count = torch.tensor([centred], dtype=torch.float32, device=collector.layout_device)
+        # the gradient noise's sampler (in secure mode with its floating-point-attack defence)
+        collector.backend.add_noise(count, self.unclipped_num_std, self.generator, self.secure_mode)
+        self.unclipped_num = count.item()
         expected = self.expected_batch_size * (batches if self.scale_by_accumulated_iterations else 1)
         fraction = self.unclipped_num / expected + 0.5
         bound = self.max_grad_norm * math.exp(-self.clipbound_learning_rate

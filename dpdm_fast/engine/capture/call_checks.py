@@ -25,6 +25,8 @@ def check_call(site, args, kwargs, output) -> None:
     rows = output.shape[dim] if output.dim() > dim else None
     where = f"{site.name!r} ({type(site.module).__name__})"
     model_rows = site.state.rows
+    if dim and rows is not None:
+        _check_sequence_first(site, where, output, rows)
     if not in_backward() and model_rows is not None and rows != model_rows:
         raise ValueError(f"{where} returned {rows} rows, but the private module was called with {model_rows}: "
                          "every layer with trainable parameters must keep the model's rows on its batch dimension (a layer "
@@ -56,6 +58,20 @@ def check_call(site, args, kwargs, output) -> None:
                                   f"dim {dim} is not the {rows} rows of its output: the fallback treats every tensor "
                                   "argument as per-row; pass constants as buffers or non-tensor arguments, or "
                                   "register a rule")
+
+
+def _check_sequence_first(site, where: str, output, rows: int) -> None:
+    """With batch_first=False a layer's rows are on dim 1. When dim 0 has the same size (sequence length
+    = batch size), a layer that actually runs batch-first would pass the row check with its time steps
+    taken for examples (each example in every group): the layout must have been confirmed by an
+    earlier call where only dim 1 had the rows."""
+    if output.shape[0] != rows:
+        site.layout_seen = True
+    elif not site.layout_seen:
+        raise ValueError(f"{where}: with batch_first=False its output {tuple(output.shape)} has the batch's {rows} "
+                         "rows on both dim 0 and dim 1, so the engine cannot tell a sequence-first layer from a "
+                         "batch-first one (whose time steps would be taken for examples); the first batch must have "
+                         "a size different from the sequence length (then later batches of that size are fine)")
 
 
 # -- per-rule call checks ----------------------------------------------------------------------------------

@@ -39,6 +39,11 @@ class LayerSite:
         # The dimension of its inputs and output that holds the rows: the model's (make_private's batch_first),
         # except for Opacus's RNNLinear, which DPLSTM/DPGRU/DPRNN call once per time step on (rows, features).
         self.batch_dim = 0 if _per_time_step(module) else state.batch_dim
+        if spec is None and self.batch_dim:
+            raise NotImplementedError(f"module {self.name!r} ({type(module).__name__}) has no per-group rule, and the "
+                                      "torch.func fallback splits examples on dim 0 while the model is sequence-first "
+                                      "(batch_first=False): register a rule for it, or make the model batch-first")
+        self.layout_seen = False   # (batch_first=False) a call where only dim 1 had the rows confirmed the layout
         # the backend's fused kernel for this layer, where it has one (the torch rule stays the reference)
         backend = state.collector.backend
         self.kernel = kernel_rules_for(backend).get(spec.cls) if spec is not None else None

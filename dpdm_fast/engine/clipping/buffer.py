@@ -71,4 +71,5 @@ class PerExampleBuffer:
 
 
 def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype
+    # (empty tensors share no memory: their data pointers can all be 0)
+    return a.numel() > 0 and a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype

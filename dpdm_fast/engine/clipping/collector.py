@@ -34,6 +34,7 @@ class GroupGradientCollector:
         self.backward_calls = 0        # backward passes folded in since the last reset
         self._max_grad_norm = 1.0
         self._layer_bounds: torch.Tensor | None = None   # per-layer clipping: one bound per parameter
+        self._bounds: list[float] = []
         self.per_layer = isinstance(max_grad_norm, (list, tuple))
         self.max_grad_norm = max_grad_norm
         device = layout.params[0].device if layout.params else torch.device("cpu")
@@ -73,12 +74,11 @@ class GroupGradientCollector:
             raise ValueError(f"per-layer clipping needs one bound per trainable parameter ({len(self.layout.params)}), "
                              f"got {len(bounds)}")
         total = float(torch.tensor(bounds, dtype=torch.float64).norm()) if self.per_layer else bounds[0]
-        old = None if self._layer_bounds is None else self._layer_bounds.tolist()
-        if (total != self._max_grad_norm or (self.per_layer and old != bounds)) and self.holds_examples:
+        if (total != self._max_grad_norm or (self.per_layer and self._bounds != bounds)) and self.holds_examples:
             raise RuntimeError("max_grad_norm changed while clipped gradients of this step are accumulated "
                                "(between physical batches or backward passes of one step): change it only "
                                "after optimizer.step(), so every example of a step is clipped to the same norm")
-        self._max_grad_norm = total
+        self._max_grad_norm, self._bounds = total, bounds
         if self.per_layer:
             device = self.layout.params[0].device if self.layout.params else None
             self._layer_bounds = torch.tensor(bounds, dtype=torch.float32, device=device)
@@ -86,7 +86,7 @@ class GroupGradientCollector:
     @property
     def max_grad_norms(self) -> list[float] | None:
         """Per-layer clipping's bounds, one per trainable parameter (None for flat clipping)."""
-        return None if self._layer_bounds is None else self._layer_bounds.tolist()
+        return list(self._bounds) if self.per_layer else None
 
     @property
     def layout_device(self) -> torch.device:
