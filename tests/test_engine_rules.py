@@ -252,10 +252,10 @@ def test_builtin_rules_write_straight_into_the_buffer(monkeypatch):
     copied = []
     original = GroupGradientCollector.write
 
-    def spy(self, param, per_group, name):
+    def spy(self, param, per_group, name, **kw):
         if not _same_memory(per_group, self.target(param)):
             copied.append(name)
-        return original(self, param, per_group, name)
+        return original(self, param, per_group, name, **kw)
     monkeypatch.setattr(GroupGradientCollector, "write", spy)
     net = mnist_net()
     loss, rows = dpdm_rows(2, 2)

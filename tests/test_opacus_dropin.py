@@ -438,3 +438,22 @@ def test_per_layer_bounds_set_again_unchanged_in_the_middle_of_a_step():
     opt.max_grad_norm = list(bounds)      # the same bounds: no change, no refusal
     with pytest.raises(RuntimeError, match="changed while"):
         opt.max_grad_norm = [0.1, 0.2, 0.3, 0.8]
+
+
+def test_later_uses_of_a_linear_accumulate_inside_the_gemm(monkeypatch):
+    """DPLSTM's per-time-step Linear: uses after the first add into the buffer block (baddbmm), no temporary;
+    the update still matches the loop (covered above) and no later use goes through the copying path."""
+    from dpdm_fast.engine.clipping.collector import GroupGradientCollector
+    calls = []
+    original = GroupGradientCollector.write
+
+    def spy(self, param, per_group, name, accumulated=False):
+        calls.append((name, accumulated))
+        return original(self, param, per_group, name, accumulated=accumulated)
+    monkeypatch.setattr(GroupGradientCollector, "write", spy)
+    torch.manual_seed(3)
+    x, y = torch.randint(0, 11, (3, 4)), torch.randint(0, 3, (3,))
+    ours = engine_update(fresh(Recurrent, DPLSTM), (x, y), 1, 0.05, 3)
+    assert rel(ours, per_example_loop_update(fresh(Recurrent, DPLSTM), ce_rows, (x, y), 1, 0.05, 3)) < 1e-5
+    per_step = [a for n, a in calls if ".ih." in n]
+    assert len(per_step) == 2 * 4 and per_step.count(False) == 2   # weight and bias: first of 4 steps only

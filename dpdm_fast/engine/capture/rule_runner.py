@@ -25,7 +25,9 @@ def compute(site, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor
     args = tuple(cast(a) for a in args)
     # A parameter used again in this backward (a layer run at several time steps, tied weights): its block
     # already holds the other uses' gradients, so this use's are computed apart and added to it (``write``).
-    first_use = not any(collector.written(site.params[n]) for n in names)
+    written = [collector.written(site.params[n]) for n in names]
+    first_use, reuse = not any(written), all(written)
+    options: dict = {}
     state.in_rule = True
     try:
         if site.spec is None:
@@ -34,17 +36,22 @@ def compute(site, names: list, args: tuple, kwargs: dict, grad_out: torch.Tensor
         elif site.kernel is not None and first_use and _run_kernel(site, names, args, grad_out, extra):
             return
         else:
-            options = {"saved": extra or None} if site.spec.save is not None else {}
-            if site.spec.writes_out and grad_out.dtype == torch.float32 and first_use:
+            if site.spec.save is not None:
+                options["saved"] = extra or None
+            fp32 = grad_out.dtype == torch.float32
+            if site.spec.writes_out and fp32 and first_use:
                 # the rule writes straight into the buffer's blocks (no copy pass)
                 options["out"] = {n: collector.target(site.params[n]) for n in names}
+            elif site.spec.accumulates and fp32 and reuse:
+                # a later use: the rule adds into the blocks (e.g. in the GEMM), no temporary
+                options.update(out={n: collector.target(site.params[n]) for n in names}, accumulate=True)
             per_group = site.spec.rule(site.module, args, grad_out, collector.K, **options)
     finally:
         state.in_rule = False
     for n in names:
         if n not in per_group:
             raise RuntimeError(f"requires_grad of {site.full_name(n)} changed between forward and backward")
-        collector.write(site.params[n], per_group[n], site.full_name(n))
+        collector.write(site.params[n], per_group[n], site.full_name(n), accumulated="accumulate" in options)
 
 
 def _run_kernel(site, names: list, args: tuple, grad_out: torch.Tensor, extra: tuple) -> bool:

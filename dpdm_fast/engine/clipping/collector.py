@@ -181,9 +181,10 @@ class GroupGradientCollector:
             raise RuntimeError(f"a kernel rule overwrote the gradients of an earlier use of {name}")
         self._buffer.norm_rows[id(param)].sqrt_()
 
-    def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str) -> None:
+    def write(self, param: nn.Parameter, per_group: torch.Tensor, name: str, accumulated: bool = False) -> None:
         """Take param's per-group gradients (in its ``target`` block already, or copied there) and
-        record each example's norm of them in the norm table while the block is still in cache."""
+        record each example's norm of them in the norm table while the block is still in cache.
+        ``accumulated``: a later use's rule already added its gradients into the block."""
         expected = (self._B, *param.shape)
         if tuple(per_group.shape) != expected:
             raise RuntimeError(f"the per-group gradient of {name} has shape {tuple(per_group.shape)}, expected "
@@ -192,6 +193,10 @@ class GroupGradientCollector:
         if not self._buffer.mark_written(param):
             # another use of the parameter in this pass (tied weights, a layer run at several time steps): the
             # gradients add up; its norm is taken once all uses are in (``_end_of_backward``)
+            if accumulated:
+                if not same_memory(per_group, block):
+                    raise RuntimeError(f"an accumulating rule of {name} did not add into its block")
+                return
             if same_memory(per_group, block):
                 raise RuntimeError(f"the rule of a later use of {name} overwrote the earlier uses' gradients")
             block.add_(per_group)

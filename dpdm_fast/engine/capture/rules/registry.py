@@ -21,6 +21,7 @@ class RuleSpec:
     input_ndim: Callable[[int], bool]           # accepted rank of the (batched) input
     writes_out: bool = False                    # takes out={name: (B, *shape) buffer block}
     save: Callable | None = None                # save(module, args, output) -> extra tensors for the rule
+    accumulates: bool = False                   # takes accumulate=True: add into the out= blocks
 
 
 RULES: Dict[type, RuleSpec] = {}
@@ -45,11 +46,17 @@ def register_rule(*module_types: type, params: Sequence[str] = ("weight", "bias"
     ``save(module, args, output)``: called after the layer's forward; the tensors it returns (or
     None) are kept for backward and passed to the rule as ``saved=`` (e.g. statistics the forward
     computed anyway, so the rule need not recompute them).
+
+    A rule that also takes ``accumulate`` is called with ``accumulate=True`` (and ``out``) for a later
+    use of parameters used several times in one backward (a layer run at every time step): it must
+    then add its gradients to the blocks instead of overwriting them.
     """
     def wrap(fn: Rule) -> Rule:
-        writes_out = "out" in inspect.signature(fn).parameters
+        signature = inspect.signature(fn).parameters
+        writes_out, accumulates = "out" in signature, "accumulate" in signature
         for t in module_types:
-            RULES[t] = RuleSpec(fn, t, frozenset(params), tuple(methods), check, input_ndim, writes_out, save)
+            RULES[t] = RuleSpec(fn, t, frozenset(params), tuple(methods), check, input_ndim, writes_out, save,
+                                accumulates)
         return fn
     return wrap
 
