@@ -86,48 +86,45 @@ def _bias(g: torch.Tensor, K: int, out: dict | None) -> torch.Tensor:
     return torch.sum(groups(g, K), dim=(1, *range(3, g.dim() + 1)), out=block(out, "bias"))
 
 
-@register_rule(nn.Conv1d, methods=("forward", "_conv_forward"), input_ndim=lambda d: d == 3)
-def conv1d_rule(module: nn.Conv1d, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
-    """As a Conv2d of height 1 (``conv.py``'s autotuned exact paths, keyed 'conv1d')."""
-    x = inputs[0]
-    B = x.shape[0] // K
+def conv_grads(module, g: torch.Tensor, K: int, out: dict | None, weight) -> dict:
+    """The per-group gradients of a convolution's trainable parameters: ``weight(block)`` computes the weight's
+    (into the buffer block when given), the bias is the sum of g over each group's rows and positions."""
+    B = g.shape[0] // K
     groups(g, K)                                          # checks the rows are a multiple of K
     res = {}
-    shape = module.weight.shape
-    if module.weight.requires_grad and B == 0:
-        res["weight"] = g.new_zeros(0, *shape)
-    elif module.weight.requires_grad:
-        x, padding = conv_input_and_padding(module, x)
-        x4, g4 = x.unsqueeze(2), g.unsqueeze(2)
-        shape4 = torch.Size((shape[0], shape[1], 1, shape[2]))
-        w = block(out, "weight")
-        w4 = None if w is None else w.view(B, *shape4)
-        kw = dict(stride=(1, module.stride[0]), padding=(0, padding[0]), dilation=(1, module.dilation[0]),
-                  groups=module.groups)
-        paths = conv2d_weight_paths(x4, g4, shape4, K, w4, **kw)
-        res["weight"] = run_fastest("conv1d", conv2d_path_key(x4, g4, shape4, K, **kw), paths,
-                                    x.device).view(B, *shape)
+    if module.weight.requires_grad:
+        res["weight"] = g.new_zeros(0, *module.weight.shape) if B == 0 else weight(block(out, "weight"))
     if module.bias is not None and module.bias.requires_grad:
         res["bias"] = _bias(g, K, out)
     return res
+
+
+@register_rule(nn.Conv1d, methods=("forward", "_conv_forward"), input_ndim=lambda d: d == 3)
+def conv1d_rule(module: nn.Conv1d, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
+    """As a Conv2d of height 1 (``conv.py``'s autotuned exact paths, keyed 'conv1d')."""
+    def weight(w):
+        x, padding = conv_input_and_padding(module, inputs[0])
+        shape = module.weight.shape
+        x4, g4, shape4 = x.unsqueeze(2), g.unsqueeze(2), torch.Size((shape[0], shape[1], 1, shape[2]))
+        w4 = None if w is None else w.view(-1, *shape4)
+        kw = dict(stride=(1, module.stride[0]), padding=(0, padding[0]), dilation=(1, module.dilation[0]),
+                  groups=module.groups)
+        paths = conv2d_weight_paths(x4, g4, shape4, K, w4, **kw)
+        return run_fastest("conv1d", conv2d_path_key(x4, g4, shape4, K, **kw), paths, x.device).view(-1, *shape)
+    return conv_grads(module, g, K, out, weight)
+
+
+def nd_conv_grads(module, x: torch.Tensor, g: torch.Tensor, K: int, out: dict | None, key: str, **kw) -> dict:
+    """Per-group weight (the autotuned n-d paths, keyed ``key``) and bias gradients of an n-d convolution
+    or transposed convolution, x already padded as its forward pads it. ``kw``: see ``nd_weight_paths``."""
+    shape = module.weight.shape
+    return conv_grads(module, g, K, out, lambda w: run_fastest(key, nd_path_key(x, g, shape, K, **kw),
+                                                               nd_weight_paths(x, g, shape, K, w, **kw), x.device))
 
 
 @register_rule(nn.Conv3d, methods=("forward", "_conv_forward"), input_ndim=lambda d: d == 5)
 def conv3d_rule(module: nn.Conv3d, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
     """Per-group weight gradients with the sum over K inside the convolution (autotuned, keyed 'conv3d')."""
-    x = inputs[0]
-    B = x.shape[0] // K
-    groups(g, K)
-    res = {}
-    shape = module.weight.shape
-    if module.weight.requires_grad and B == 0:
-        res["weight"] = g.new_zeros(0, *shape)
-    elif module.weight.requires_grad:
-        x, padding = conv_input_and_padding(module, x)
-        kw = dict(stride=tuple(module.stride), padding=padding, dilation=tuple(module.dilation),
-                  groups=module.groups)
-        paths = nd_weight_paths(x, g, shape, K, block(out, "weight"), **kw)
-        res["weight"] = run_fastest("conv3d", nd_path_key(x, g, shape, K, **kw), paths, x.device)
-    if module.bias is not None and module.bias.requires_grad:
-        res["bias"] = _bias(g, K, out)
-    return res
+    x, padding = conv_input_and_padding(module, inputs[0])
+    return nd_conv_grads(module, x, g, K, out, "conv3d", stride=tuple(module.stride), padding=padding,
+                         dilation=tuple(module.dilation), groups=module.groups)

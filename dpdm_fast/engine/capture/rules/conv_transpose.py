@@ -1,9 +1,8 @@
 import torch
 import torch.nn as nn
 
-from ..autotune import run_fastest
-from .conv_nd import _bias, nd_path_key, nd_weight_paths
-from .registry import block, groups, register_rule
+from .conv_nd import nd_conv_grads
+from .registry import register_rule
 
 
 def _check_conv_transpose(module: nn.ConvTranspose2d) -> None:
@@ -26,17 +25,6 @@ def conv_transpose2d_rule(module: nn.ConvTranspose2d, inputs: tuple, g: torch.Te
     on the grouped / loop / rows paths of ``conv_nd.py``, autotuned (keyed 'conv_transpose2d').
     A second positional argument (``output_size``) only fixes the output padding, read off g's shape."""
     x = inputs[0]
-    B = x.shape[0] // K
-    groups(g, K)
-    res = {}
-    shape = module.weight.shape
-    if module.weight.requires_grad and B == 0:
-        res["weight"] = g.new_zeros(0, *shape)
-    elif module.weight.requires_grad:
-        kw = dict(stride=tuple(module.stride), padding=tuple(module.padding), dilation=tuple(module.dilation),
-                  groups=module.groups, transposed=True, output_padding=output_padding_of(x, g, module))
-        paths = nd_weight_paths(x, g, shape, K, block(out, "weight"), **kw)
-        res["weight"] = run_fastest("conv_transpose2d", nd_path_key(x, g, shape, K, **kw), paths, x.device)
-    if module.bias is not None and module.bias.requires_grad:
-        res["bias"] = _bias(g, K, out)
-    return res
+    return nd_conv_grads(module, x, g, K, out, "conv_transpose2d", stride=tuple(module.stride),
+                         padding=tuple(module.padding), dilation=tuple(module.dilation), groups=module.groups,
+                         transposed=True, output_padding=output_padding_of(x, g, module))

@@ -6,16 +6,19 @@ import torch.nn as nn
 from .registry import block, groups, register_rule
 
 
-def _check_embedding(module: nn.Embedding) -> None:
+def check_lookup_options(module: nn.Module) -> None:
+    """Embedding / EmbeddingBag options whose per-example gradients are not defined or mix examples."""
+    name = type(module).__name__
     if module.max_norm is not None:
-        raise NotImplementedError("Embedding(max_norm=...) renormalises its weight in place during forward; "
+        raise NotImplementedError(f"{name}(max_norm=...) renormalises its weight in place during forward; "
                                   "per-example gradients of it are not supported: drop max_norm")
     if module.scale_grad_by_freq:
-        raise NotImplementedError("Embedding(scale_grad_by_freq=True) scales gradients by word counts over the "
+        raise NotImplementedError(f"{name}(scale_grad_by_freq=True) scales gradients by word counts over the "
                                   "whole batch, which mixes examples: use scale_grad_by_freq=False")
 
 
-@register_rule(nn.Embedding, params=("weight",), check=_check_embedding, input_ndim=lambda d: d >= 1)
+
+@register_rule(nn.Embedding, params=("weight",), check=check_lookup_options, input_ndim=lambda d: d >= 1)
 def embedding_rule(module: nn.Embedding, inputs: tuple, g: torch.Tensor, K: int, out: dict | None = None) -> dict:
     """Scatter-add each row's output gradient into its group's copy of the looked-up table row."""
     if not module.weight.requires_grad:

@@ -1,18 +1,14 @@
 import torch
 import torch.nn as nn
 
+from .embedding import check_lookup_options
 from .registry import block, groups, register_rule
 
 _MODES = {"sum": 0, "mean": 1, "max": 2}
 
 
 def _check_embedding_bag(module: nn.EmbeddingBag) -> None:
-    if module.max_norm is not None:
-        raise NotImplementedError("EmbeddingBag(max_norm=...) renormalises its weight in place during forward; "
-                                  "per-example gradients of it are not supported: drop max_norm")
-    if module.scale_grad_by_freq:
-        raise NotImplementedError("EmbeddingBag(scale_grad_by_freq=True) scales gradients by word counts over the "
-                                  "whole batch, which mixes examples: use scale_grad_by_freq=False")
+    check_lookup_options(module)
     if module.mode not in _MODES:
         raise NotImplementedError(f"EmbeddingBag(mode={module.mode!r}) has no per-group rule (sum, mean, max)")
 

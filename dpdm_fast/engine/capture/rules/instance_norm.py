@@ -3,7 +3,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .registry import block, register_rule
+from .norm import per_row_affine_grads
+from .registry import register_rule
 
 _DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 
@@ -44,15 +45,7 @@ def instance_norm_rule(module: nn.modules.instancenorm._InstanceNorm, inputs: tu
     if N == 0 or S == 0:
         return {n: x.new_zeros(B, C, dtype=g.dtype) for n, need in (("weight", need_w), ("bias", need_b)) if need}
     mean, rstd = _stats(module, x)
-    _, dw, db = torch.ops.aten.native_group_norm_backward(
-        g.reshape(1, N * C, S), x.reshape(1, N * C, S), mean.to(x.dtype), rstd.to(x.dtype), x.new_ones(N * C),
-        1, N * C, S, N * C, [False, need_w, need_b])
-    res = {}
-    if need_w:
-        res["weight"] = torch.sum(dw.view(B, K, C), dim=1, out=block(out, "weight"))
-    if need_b:
-        res["bias"] = torch.sum(db.view(B, K, C), dim=1, out=block(out, "bias"))
-    return res
+    return per_row_affine_grads(x, g, mean, rstd, C, K, need_w, need_b, out)   # one group per channel
 
 
 for _cls, _ndim in _DIMS.items():   # one registration per class: each accepts only its batched rank

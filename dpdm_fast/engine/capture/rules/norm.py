@@ -33,22 +33,31 @@ def group_norm_rule(module: nn.GroupNorm, inputs: tuple, g: torch.Tensor, K: int
     """
     x = inputs[0]
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    B, G = N // K, module.num_groups
+    G = module.num_groups
     need_w = module.weight is not None and module.weight.requires_grad
     need_b = module.bias is not None and module.bias.requires_grad
     if N == 0:
         return {n: x.new_zeros(0, C) for n, need in (("weight", need_w), ("bias", need_b)) if need}
     if saved is None:
         saved = torch.native_group_norm(x, None, None, N, C, S, G, module.eps)[1:]
-    mean, rstd = (t.to(x.dtype).reshape(1, N * G) for t in saved)
+    mean, rstd = (t.reshape(1, N * G) for t in saved)
+    return per_row_affine_grads(x, g, mean, rstd, G, K, need_w, need_b, out)
+
+
+def per_row_affine_grads(x, g, mean, rstd, groups_per_row: int, K: int, need_w: bool, need_b: bool,
+                         out: dict | None) -> dict:
+    """Per-group affine gradients of a group-normalised layer (GroupNorm, InstanceNorm) from the forward's
+    (1, N * groups_per_row) statistics: the N rows of C channels are one row of N*C channels, so the
+    GroupNorm backward kernel's per-channel sums are per-row ones, then summed over each example's K rows."""
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     _, dw, db = torch.ops.aten.native_group_norm_backward(
-        g.reshape(1, N * C, S), x.reshape(1, N * C, S), mean, rstd, x.new_ones(N * C), 1, N * C, S, N * G,
-        [False, need_w, need_b])
+        g.reshape(1, N * C, S), x.reshape(1, N * C, S), mean.to(x.dtype), rstd.to(x.dtype), x.new_ones(N * C),
+        1, N * C, S, N * groups_per_row, [False, need_w, need_b])
     res = {}
     if need_w:
-        res["weight"] = torch.sum(dw.view(B, K, C), dim=1, out=block(out, "weight"))
+        res["weight"] = torch.sum(dw.view(N // K, K, C), dim=1, out=block(out, "weight"))
     if need_b:
-        res["bias"] = torch.sum(db.view(B, K, C), dim=1, out=block(out, "bias"))
+        res["bias"] = torch.sum(db.view(N // K, K, C), dim=1, out=block(out, "bias"))
     return res
 
 
