@@ -12,13 +12,13 @@ How a step flows, and where each part lives (bottom to top; a layer imports only
 ``PrivacyEngine`` and the Poisson loader need Opacus (accountants, sampler) and are imported on
 first use.
 """
-from .api import DPOptimizer, PrivateModule
+from .api import AdaClipDPOptimizer, DPLoss, DPOptimizer, PrivateModule
 from .capture import RULES, UnsupportedModuleError, autotune, find_rule, register_rule
 from .clipping import GroupGradientCollector, get_backend, register_backend
 from .distributed import ReplicaError
 from .sampling.batch_memory_manager import BatchMemoryManager
 
-__all__ = ["PrivacyEngine", "PrivateModule", "DPOptimizer", "BatchMemoryManager", "PoissonDataLoader",
+__all__ = ["PrivacyEngine", "PrivateModule", "DPOptimizer", "AdaClipDPOptimizer", "DPLoss", "BatchMemoryManager", "PoissonDataLoader",
            "GroupGradientCollector", "UnsupportedModuleError", "ReplicaError", "register_rule", "find_rule", "RULES",
            "get_backend", "register_backend", "autotune"]
 
