@@ -457,3 +457,11 @@ def test_later_uses_of_a_linear_accumulate_inside_the_gemm(monkeypatch):
     assert rel(ours, per_example_loop_update(fresh(Recurrent, DPLSTM), ce_rows, (x, y), 1, 0.05, 3)) < 1e-5
     per_step = [a for n, a in calls if ".ih." in n]
     assert len(per_step) == 2 * 4 and per_step.count(False) == 2   # weight and bias: first of 4 steps only
+
+
+def test_batch_first_false_with_a_single_example_is_not_ambiguous():
+    """One example: its rows are all of them whichever dim holds the batch, so T == B == 1 is fine."""
+    from dpdm_fast.engine import PrivateModule
+    pm = PrivateModule(nn.Linear(4, 2), max_grad_norm=0.1, batch_first=False)
+    pm(torch.randn(1, 1, 4)).sum().backward()
+    assert pm.collector.num_examples == 1

@@ -67,11 +67,15 @@ def _check_sequence_first(site, where: str, output, rows: int) -> None:
     earlier call where only dim 1 had the rows."""
     if output.shape[0] != rows:
         site.layout_seen = True
+    elif rows <= site.state.collector.K:
+        return   # one example (or none): every row is its, whichever dim holds them
     elif not site.layout_seen:
         raise ValueError(f"{where}: with batch_first=False its output {tuple(output.shape)} has the batch's {rows} "
                          "rows on both dim 0 and dim 1, so the engine cannot tell a sequence-first layer from a "
-                         "batch-first one (whose time steps would be taken for examples); the first batch must have "
-                         "a size different from the sequence length (then later batches of that size are fine)")
+                         "batch-first one (whose time steps would be taken for examples, each example then in every "
+                         "group); the first batch must have a size different from the sequence length (later "
+                         "batches of that size are then fine): with fixed-size batches, change the batch size or "
+                         "the sequence length")
 
 
 # -- per-rule call checks ----------------------------------------------------------------------------------
