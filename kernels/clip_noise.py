@@ -6,6 +6,9 @@ parameter's columns and, for every example b, reads the tile's B rows once:
 
     total[j] += sum_b min(1, C / (norm_b + 1e-6)) * scale * block[b, j]
 
+(per-layer clipping, ``PER_LAYER``: the factor is min(1, C_p / (norm_{p,b} + 1e-6)) with the tile's
+parameter p's own bound C_p and per-parameter norm, from a (params, B) norm table)
+
 then, in the final pass of a step (``FINAL``), adds Gaussian noise std * z[j] and divides by the
 expected batch size, writing the result into the flat gradient storage the parameters' ``.grad``
 views point to. z comes from Philox (``tl.randint4x``), a counter-based generator: z[j] is a function
@@ -44,9 +47,9 @@ def _normal(seed, idx):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _clip_reduce_kernel(buf_ptr, norms_ptr, written_ptr, tiles_ptr, total_ptr, out_ptr,
+def _clip_reduce_kernel(buf_ptr, norms_ptr, written_ptr, tiles_ptr, total_ptr, out_ptr, bounds_ptr,
                         B, P, max_norm, scale, std, divisor, seed,
-                        BLOCK: tl.constexpr, FINAL: tl.constexpr, DRAWS: tl.constexpr):
+                        BLOCK: tl.constexpr, FINAL: tl.constexpr, DRAWS: tl.constexpr, PER_LAYER: tl.constexpr):
     t = tl.program_id(0)
     offset = tl.load(tiles_ptr + 4 * t)          # the parameter's offset in the flat vector
     numel = tl.load(tiles_ptr + 4 * t + 1)
@@ -57,8 +60,13 @@ def _clip_reduce_kernel(buf_ptr, norms_ptr, written_ptr, tiles_ptr, total_ptr, o
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     rows = tl.load(written_ptr + index) * B      # 0 when this backward left the parameter untouched
     base = buf_ptr + offset * B
+    bound = max_norm
+    row_norms = norms_ptr
+    if PER_LAYER:                                # this parameter's bound and its row of the norm table
+        bound = tl.load(bounds_ptr + index)
+        row_norms = norms_ptr + index * B
     for b in range(rows):
-        factor = tl.minimum(max_norm / (tl.load(norms_ptr + b) + 1e-6), 1.0) * scale
+        factor = tl.minimum(bound / (tl.load(row_norms + b) + 1e-6), 1.0) * scale
         acc += factor * tl.load(base + b * numel + cols, mask=ok, other=0.0)
     flat = offset + cols
     total = tl.load(total_ptr + flat, mask=ok, other=0.0) + acc
@@ -81,15 +89,22 @@ def tile_table(numels: list[int], device: torch.device | str, tile: int = TILE) 
 def clip_reduce(buffer: torch.Tensor, numels: list[int], written: torch.Tensor, norms: torch.Tensor,
                 max_norm: float, scale: float, total: torch.Tensor, *, tiles: torch.Tensor | None = None,
                 final: bool = False, std: float = 0.0, divisor: float = 1.0, seed: int = 0, draws: int = 1,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """Fold a backward's per-example buffer into the clipped sum ``total`` (P,) (in place), or,
     with ``final=True``, write ``(total + clipped sum + std * z) / divisor`` into ``out`` (P,).
 
     buffer: the flat per-example buffer of B = norms.numel() examples; numels: the parameters'
     sizes in layout order; written: (params,) int32, 1 where this backward wrote the parameter's
-    block (others are not read: they may hold stale data); norms: (B,) fp32 per-example norms.
+    block (others are not read: they may hold stale data); norms: (B,) fp32 per-example norms, or,
+    with ``bounds`` ((params,) fp32 per-layer clip bounds; ``max_norm`` is then unused), the
+    contiguous (params, B) fp32 table of per-parameter norms.
     """
-    B, P = norms.numel(), sum(numels)
+    per_layer = bounds is not None
+    if per_layer and (norms.dim() != 2 or norms.shape[0] != len(numels) or bounds.numel() != len(numels)
+                      or not norms.is_contiguous()):
+        raise ValueError(f"per-layer clipping needs a contiguous ({len(numels)}, B) norm table and {len(numels)} "
+                         f"bounds, got {tuple(norms.shape)} and {bounds.numel()}")
+    B, P = norms.shape[-1] if per_layer else norms.numel(), sum(numels)
     if total.device.type != "cuda" and not interpreting():
         raise RuntimeError("the Triton clip/noise pass on CPU tensors needs TRITON_INTERPRET=1 (set before "
                            "importing dpdm_fast)")
@@ -105,20 +120,26 @@ def clip_reduce(buffer: torch.Tensor, numels: list[int], written: torch.Tensor, 
     tiles = tile_table(numels, total.device) if tiles is None else tiles
     if tiles.shape[0] == 0:
         return out
-    _clip_reduce_kernel[(tiles.shape[0],)](buffer, norms, written, tiles, total, out, B, P, float(max_norm),
+    _clip_reduce_kernel[(tiles.shape[0],)](buffer, norms, written, tiles, total, out,
+                                           bounds if per_layer else norms, B, P, float(max_norm),
                                            float(scale), float(std), float(divisor), int(seed), BLOCK=TILE,
-                                           FINAL=bool(final), DRAWS=draws if std else 0)
+                                           FINAL=bool(final), DRAWS=draws if std else 0, PER_LAYER=per_layer)
     return out
 
 
 def reference_clip_reduce(buffer: torch.Tensor, numels: list[int], written: torch.Tensor, norms: torch.Tensor,
-                          max_norm: float, scale: float, total: torch.Tensor) -> torch.Tensor:
-    """The noise-free part in torch: total + sum_b factor_b * block_b over the written blocks."""
-    B = norms.numel()
-    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0) * scale
+                          max_norm: float, scale: float, total: torch.Tensor,
+                          bounds: torch.Tensor | None = None) -> torch.Tensor:
+    """The noise-free part in torch: total + sum_b factor_b * block_b over the written blocks (per-layer:
+    each parameter's own factors from its bound and its row of the (params, B) norm table)."""
+    B = norms.shape[-1]
+    if bounds is None:
+        factors = [(max_norm / (norms + 1e-6)).clamp(max=1.0) * scale] * len(numels)
+    else:
+        factors = list((bounds[:, None] / (norms + 1e-6)).clamp(max=1.0) * scale)
     parts, offset = [], 0
-    for n, w in zip(numels, written.tolist()):
+    for n, w, f in zip(numels, written.tolist(), factors):
         blk = buffer[B * offset:B * (offset + n)].view(B, n)
-        parts.append(factors @ blk if w else torch.zeros(n, device=total.device))
+        parts.append(f @ blk if w else torch.zeros(n, device=total.device))
         offset += n
     return total + torch.cat(parts)

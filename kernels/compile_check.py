@@ -46,12 +46,13 @@ def variants():
                    **ints("K", "C", "S", "G", "CPG", "sxr", "sxc", "sxs", "sgr", "sgc", "sgs")}
             yield (f"group_norm_grad {dt} w={has_w} b={has_b}", group_norm_grad._group_norm_grad_kernel, sig,
                    dict(HAS_W=has_w, HAS_B=has_b, BC=16, BS=128))
-    for final, draws in ((False, 0), (True, 0), (True, 1), (True, 4)):
+    for final, draws, per_layer in ((False, 0, False), (True, 0, False), (True, 1, False), (True, 4, False),
+                                    (False, 0, True)):
         sig = {"buf_ptr": "*fp32", "norms_ptr": "*fp32", "written_ptr": "*i32", "tiles_ptr": "*i64",
-               "total_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "P": "i32", "max_norm": "fp32", "scale": "fp32",
-               "std": "fp32", "divisor": "fp32", "seed": "i64"}
-        yield (f"clip_reduce final={final} draws={draws}", clip_noise._clip_reduce_kernel, sig,
-               dict(BLOCK=1024, FINAL=final, DRAWS=draws))
+               "total_ptr": "*fp32", "out_ptr": "*fp32", "bounds_ptr": "*fp32", "B": "i32", "P": "i32",
+               "max_norm": "fp32", "scale": "fp32", "std": "fp32", "divisor": "fp32", "seed": "i64"}
+        yield (f"clip_reduce final={final} draws={draws} per_layer={per_layer}", clip_noise._clip_reduce_kernel, sig,
+               dict(BLOCK=1024, FINAL=final, DRAWS=draws, PER_LAYER=per_layer))
 
 
 def compile_all(archs: list[int]) -> list[str]:

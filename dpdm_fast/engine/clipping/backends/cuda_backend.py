@@ -21,6 +21,6 @@ class CudaBackend(FusedBackend):
         self.tile = self.ext.clip_reduce_tile()
 
     def _launch(self, buffer, numels, written, norms, max_norm, scale, total, tiles, final, std, divisor, seed,
-                draws, out) -> None:
+                draws, out, bounds=None) -> None:   # (no per-layer kernel: bounds is always None here)
         self.ext.clip_reduce(buffer, norms.float().contiguous(), written, tiles, total, out, float(max_norm),
                              float(scale), float(std), float(divisor), int(seed), int(draws), bool(final))

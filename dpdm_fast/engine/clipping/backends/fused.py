@@ -13,6 +13,7 @@ class FusedBackend(TorchBackend):
     from the norms, the weighted sum over examples, and in a step's final pass the Philox noise and
     the division by the expected batch size, written into the flat gradient the ``.grad`` views use."""
     tile: int = 1024
+    per_layer_kernel = False   # whether ``_launch`` takes per-layer bounds (else the torch reference sums those)
 
     def __init__(self):
         self._tiles: dict = {}    # id(layout) -> (layout, parameter sizes, its tile table on the device)
@@ -22,16 +23,16 @@ class FusedBackend(TorchBackend):
         return tile_table(numels, device, self.tile)
 
     def _launch(self, buffer, numels, written, norms, max_norm, scale, total, tiles, final, std, divisor, seed,
-                draws, out) -> None:
+                draws, out, bounds=None) -> None:
         raise NotImplementedError
 
     def reduce(self, job: ClipJob | None, total: torch.Tensor, noise: Noise | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
         if job is not None and job.B == 0:
             job = None
-        if job is not None and job.layer_bounds is not None:
-            # per-layer clip factors: the reference's block-by-block sum (the fused kernel takes one factor
-            # per example), then this backend's noise pass
+        if job is not None and job.layer_bounds is not None and not self.per_layer_kernel:
+            # per-layer clip factors without a kernel for them: the reference's block-by-block sum, then this
+            # backend's noise pass
             total = TorchBackend.reduce(self, job, total)
             job = None
         if job is None and noise is None:
@@ -45,6 +46,9 @@ class FusedBackend(TorchBackend):
             numels, tiles = self._layout_tiles(job.layout, device)
             buffer, norms, max_norm, scale = job.storage, job.norms, job.max_grad_norm, job.scale
             written = torch.tensor(job.written, dtype=torch.int32).to(device, non_blocking=True)
+        bounds = None
+        if job is not None and job.layer_bounds is not None:   # the (params, B) norm table and one bound each
+            norms, bounds = job.param_norms, job.layer_bounds
         std, divisor, seed, draws, final = 0.0, 1.0, 0, 1, noise is not None
         if final:
             std, divisor, draws = noise.std, noise.divisor, 4 if noise.secure_mode else 1
@@ -52,7 +56,7 @@ class FusedBackend(TorchBackend):
             out = torch.empty_like(total) if out is None else out
         with profile_scope("dpdm_fast.clip_sum_noise" if final else "dpdm_fast.clip_sum"):
             self._launch(buffer, numels, written, norms, max_norm, scale, total, tiles, final, std, divisor, seed,
-                         draws, out if final else total)
+                         draws, out if final else total, bounds)
         return out if final else total
 
     def _layout_tiles(self, layout, device) -> tuple[list, torch.Tensor]:

@@ -23,7 +23,10 @@ class TritonBackend(FusedBackend):
         self._clip_noise = clip_noise
         self.tile = clip_noise.TILE
 
+    per_layer_kernel = True
+
     def _launch(self, buffer, numels, written, norms, max_norm, scale, total, tiles, final, std, divisor, seed,
-                draws, out) -> None:
+                draws, out, bounds=None) -> None:
         self._clip_noise.clip_reduce(buffer, numels, written, norms, max_norm, scale, total, tiles=tiles,
-                                     final=final, std=std, divisor=divisor, seed=seed, draws=draws, out=out)
+                                     final=final, std=std, divisor=divisor, seed=seed, draws=draws, out=out,
+                                     bounds=bounds)
