@@ -465,3 +465,17 @@ def test_batch_first_false_with_a_single_example_is_not_ambiguous():
     pm = PrivateModule(nn.Linear(4, 2), max_grad_norm=0.1, batch_first=False)
     pm(torch.randn(1, 1, 4)).sum().backward()
     assert pm.collector.num_examples == 1
+
+
+def test_packed_sequences_are_refused_with_the_reason():
+    from torch.nn.utils.rnn import pack_sequence
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = DPLSTM(4, 5)
+
+        def forward(self, packed):
+            return self.rnn(packed)[0].data.sum(1)
+    pm, _ = zero_noise_engine(Packed(), 1, 1.0, 1)
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        pm(pack_sequence([torch.randn(3, 4), torch.randn(2, 4)]))
