@@ -23,7 +23,6 @@ class ForwardState:
         self.trigger_node = torch.autograd.graph.get_gradient_edge(self.trigger).node
         self.calls: set[int] = set()               # id(layer) of the layers run in this forward
         self.frozen: dict[int, list] = {}          # id(layer) -> its parameters frozen while it runs
-        self.held: dict[int, str] = {}             # id(param) -> the running layer that froze it
         self.depth = 0                             # nesting of forward calls of the wrapped model
         self.via_wrapper = 0                       # forward calls that came through PrivateModule.forward
         self.rows: int | None = None               # rows (on batch_dim) of this forward's batch

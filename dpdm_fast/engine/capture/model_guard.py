@@ -89,7 +89,6 @@ class ModelGuard:
             for p in frozen:
                 p.requires_grad_(True)
         self.state.frozen.clear()
-        self.state.held.clear()
 
     def _check_trainable(self) -> None:
         collector = self.state.collector

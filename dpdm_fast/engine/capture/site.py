@@ -77,7 +77,8 @@ class LayerSite:
                                    "private.remove_hooks() to get the plain model back); under torch.no_grad() "
                                    "the wrapped model can be used as is, e.g. for sampling")
             state.calls.add(id(module))   # (a layer may run several times: its uses' gradients add up)
-        nested = [self.full_name(n) for n, p in self.params.items() if id(p) in state.held]
+        running = {id(p) for frozen in state.frozen.values() for p in frozen}   # (layers mid-forward)
+        nested = [self.full_name(n) for n, p in self.params.items() if id(p) in running]
         if nested:
             raise NotImplementedError(f"{self.name!r} ran inside the forward of a layer that uses the same "
                                       f"parameters {nested[:3]} (a module calling itself, or a tied weight used "
@@ -86,7 +87,6 @@ class LayerSite:
         frozen = [p for p in self.params.values() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-            state.held[id(p)] = self.name
         state.frozen[id(module)] = frozen
         return None
 
@@ -96,7 +96,6 @@ class LayerSite:
             return None
         for p in frozen:
             p.requires_grad_(True)
-            self.state.held.pop(id(p), None)
         if output is None or not frozen:   # forward raised, or every parameter is frozen by the user
             return None
         if not isinstance(output, torch.Tensor):
