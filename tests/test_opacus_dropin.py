@@ -479,3 +479,21 @@ def test_packed_sequences_are_refused_with_the_reason():
     pm, _ = zero_noise_engine(Packed(), 1, 1.0, 1)
     with pytest.raises(NotImplementedError, match="PackedSequence"):
         pm(pack_sequence([torch.randn(3, 4), torch.randn(2, 4)]))
+
+
+def test_checkpoints_carry_no_per_example_views():
+    """p.grad_sample / p.summed_grad are private (raw, un-noised): an Opacus-format checkpoint taken right after a
+    step holds plain tensors without them."""
+    import io
+    from dpdm_fast import PrivacyEngine
+    model, pm, opt, loader = small_engine()
+    x, y = next(iter(loader))
+    F.cross_entropy(pm(x), y).backward()
+    opt.step()
+    assert model[0].weight.summed_grad is not None          # still readable in memory, as in Opacus
+    buf = io.BytesIO()
+    with pytest.warns(UserWarning):
+        PrivacyEngine().save_checkpoint(path=buf, module=pm, optimizer=opt)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)["module_state_dict"]
+    assert all(not getattr(t, "__dict__", {}) for t in saved.values())
