@@ -109,6 +109,9 @@ def _rank(rank: int, world: int, port: int, out: str, workload: str, grid: list,
                           "flat_bytes": 4 * pm_n.collector.layout.size, "rounds": repeats})
     if rank == 0:
         torch.save(cells, Path(out) / "cells.pt")
+    # Every rank past its last collective before any tears the group down: a gloo rank destroying its
+    # connections while a peer's are still in use can abort that peer (seen once in CI: SIGABRT at exit).
+    dist.barrier()
     dist.destroy_process_group()
 
 
