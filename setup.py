@@ -24,6 +24,7 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "kornia>=0.7",    # the warm-up's augmentation (RandAugment) and post-processing filters
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],

@@ -165,6 +165,52 @@ class DPConfig:
 
 
 @dataclass
+class CentralImagesConfig:
+    """Stage 1 (DP-FETA): per-class sums of down-sampled images of Poisson batches, noised (a DP release)."""
+    rounds: int = 5                 # T: one image per class per round
+    sample_rate: float = 0.1        # q_c: each round's Poisson rate over the private set
+    downsample: float = 0.5         # ds: images are down-sampled by this factor before summing (0.5: 28 -> 14)
+    noise_multiplier: float = 5.0   # sigma_c: noise std over the L2 bound of one down-sampled image
+    median_blur: int = 0            # post-processing: kernel size of a median blur (0: none; odd sizes)
+    sharpen: float = 0.0            # post-processing: kornia sharpness factor (0: none)
+
+
+@dataclass
+class RFFConfig:
+    """Stage 1b (FETA-Pro): one release of the class-conditional mean random-Fourier-feature embedding,
+    and a small generator trained (non-privately) to match it."""
+    enabled: bool = False
+    n_features: int = 10000         # d_rff (cos and sin of n_features / 2 frequencies)
+    bandwidth: float = 10.0         # Gaussian kernel length scale on [0, 1] pixels
+    noise_multiplier: float = 5.0   # Gaussian noise std over the embedding's add/remove sensitivity (1)
+    generator_steps: int = 2000
+    generator_batch_size: int = 500
+    generator_lr: float = 1e-3
+    n_images: int = 60000           # images drawn from the generator for the warm-up
+
+
+@dataclass
+class WarmupTrainConfig:
+    """Non-private warm-up training on the released images (post-processing: no privacy cost)."""
+    central_steps: int = 2000
+    generated_steps: int = 0        # steps on the stage-1b images (after the central images)
+    batch_size: int = 50
+    lr: float = 3e-4
+    augment_ops: int = 2            # kornia RandAugment: ops per image
+    augment_magnitude: float = 10.0  # kornia RandAugment magnitude (of 30)
+
+
+@dataclass
+class WarmupConfig:
+    """DP-FETA / FETA-Pro warm-up before DP-SGD; off by default (the published DPDM configs are as released)."""
+    enabled: bool = False
+    seed: int = 0
+    central: CentralImagesConfig = field(default_factory=CentralImagesConfig)
+    rff: RFFConfig = field(default_factory=RFFConfig)
+    train: WarmupTrainConfig = field(default_factory=WarmupTrainConfig)
+
+
+@dataclass
 class Config:
     setup: SetupConfig = field(default_factory=SetupConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,6 +220,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
 
 class ConfigError(ValueError):
@@ -229,6 +276,19 @@ _COUNTS = {
     "train.snapshot_threshold": 0, "train.save_freq": 1, "train.save_threshold": 0, "train.fid_freq": 1,
     "train.fid_samples": 1, "train.fid_threshold": 0,
     "loss.n_noise_samples": 1, "dp.max_physical_batch_size": 1, "dp.n_splits": 1,
+    "warmup.seed": 0, "warmup.central.rounds": 1, "warmup.central.median_blur": 0, "warmup.rff.n_features": 2,
+    "warmup.rff.generator_steps": 0, "warmup.rff.generator_batch_size": 1, "warmup.rff.n_images": 1,
+    "warmup.train.central_steps": 0, "warmup.train.generated_steps": 0, "warmup.train.batch_size": 1,
+    "warmup.train.augment_ops": 0,
+}
+
+# Every rate and scale of the warm-up: (lowest, highest, whether the lowest is allowed).
+_WARMUP_RANGES = {
+    "warmup.central.sample_rate": (0.0, 1.0, False), "warmup.central.downsample": (0.0, 1.0, False),
+    "warmup.central.noise_multiplier": (0.0, float("inf"), False), "warmup.central.sharpen": (0.0, float("inf"), True),
+    "warmup.rff.bandwidth": (0.0, float("inf"), False), "warmup.rff.noise_multiplier": (0.0, float("inf"), False),
+    "warmup.rff.generator_lr": (0.0, float("inf"), False), "warmup.train.lr": (0.0, float("inf"), False),
+    "warmup.train.augment_magnitude": (0.0, 30.0, True),
 }
 
 
@@ -243,6 +303,17 @@ def validate_counts(cfg: DictConfig) -> None:
             continue   # optional
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             problems.append(f"{key}={value!r} (must be an integer >= {minimum})")
+    for key, (low, high, low_ok) in _WARMUP_RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                (value >= low if low_ok else value > low) and value <= high):
+            problems.append(f"{key}={value!r} (must be in {'[' if low_ok else '('}{low:g}, {high:g}])")
+    blur = OmegaConf.select(cfg, "warmup.central.median_blur")
+    if isinstance(blur, int) and blur > 0 and blur % 2 == 0:
+        problems.append(f"warmup.central.median_blur={blur} (a median blur's kernel size is odd; 0 for none)")
+    features = OmegaConf.select(cfg, "warmup.rff.n_features")
+    if isinstance(features, int) and features % 2:
+        problems.append(f"warmup.rff.n_features={features} (must be even: a cos and a sin per frequency)")
     ema = OmegaConf.select(cfg, "model.ema_rate")
     if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
         problems.append(f"model.ema_rate={ema!r} (must be in [0, 1))")

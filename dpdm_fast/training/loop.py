@@ -43,6 +43,7 @@ from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
 from .private_files import (data_check, data_key, mark_released, read_resume_state, released_step,
                             write_resume_state)
 from .ranks import Ranks, backend_name, barrier, broadcast_from_main, gather_objects, seed_for_rank
+from .warm_start import WarmStart, planned_releases, warmup_started
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_NOISE_SEED = 12345   # snapshot grids start from the same noise at every snapshot (and in every run)
@@ -157,6 +158,9 @@ class Trainer:
         self.amp, self.progress, self.max_steps = amp, progress, max_steps
         self.config_tree = to_plain(cfg)
         self.ranks = Ranks.current()
+        if cfg.warmup.enabled and self.ranks.distributed:
+            raise ValueError("warmup.enabled in a distributed run is not supported yet: run the warm-up and DP-SGD in "
+                             "one process, or turn the warm-up off")
         self.ckpt_path = self.workdir / CHECKPOINT
         self.private_note: str | None = None   # why a resume found no private resume state (rank 0 only)
         saved = self._checkpoint_on_every_rank(resume)
@@ -169,7 +173,8 @@ class Trainer:
         self.plan: PrivacyPlan = plan_privacy(n_examples=len(self.dataset) if public_size is None else public_size,
                                               batch_size=cfg.train.batch_size, n_epochs=cfg.train.n_epochs,
                                               epsilon=dp.epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
-                                              accountant=dp.accountant, size_is_public=public_size is not None)
+                                              accountant=dp.accountant, size_is_public=public_size is not None,
+                                              releases=planned_releases(cfg))
         # DPDM's n_splits: each physical batch runs as n_splits forward/backward passes of whole examples
         self.physical_batch_size = -(-dp.max_physical_batch_size // dp.n_splits)
         if max_steps is not None and not 1 <= max_steps <= self.plan.total_steps:
@@ -198,7 +203,11 @@ class Trainer:
 
     def _existing_checkpoint(self, resume: bool) -> dict | None:
         exists = self.ckpt_path.exists()
+        warm = self.cfg.warmup.enabled and warmup_started(self.workdir)
         if not resume:
+            if warm and not exists:
+                raise ckpt.CheckpointError(f"{self.workdir} already holds the warm-up releases of a run: pass --resume to "
+                                           "continue it, or choose another --workdir for a new run")
             if exists:
                 state = ckpt.load(self.ckpt_path)
                 diffs = ckpt.config_differences(state.get("config", {}), self.config_tree)
@@ -208,6 +217,8 @@ class Trainer:
                                            "choose another --workdir for a new run")
             return None
         if not exists:
+            if warm:
+                return None   # the warm-up had begun: its finished stages are read back, DP-SGD starts afresh
             raise ckpt.CheckpointError(f"--resume: no checkpoint at {self.ckpt_path}; start the run without --resume")
         state = ckpt.load(self.ckpt_path, map_location="cpu")
         ckpt.check_training_checkpoint(state, self.ckpt_path, self.config_tree)
@@ -256,6 +267,10 @@ class Trainer:
         self.network = self.model.model
         self.loss_fn = build_loss(**cfg.loss)
         self.labelled = bool(cfg.data.n_classes)
+        self.warmup_log: list[str] = []
+        if cfg.warmup.enabled and saved is None:   # (a resumed DP-SGD run has its weights in the checkpoint)
+            self.warmup_log = WarmStart(cfg, self.workdir, device, progress=self.progress).run(self.dataset, self.model)
+            torch.manual_seed(seeds["init"])       # DP-SGD's dropout stream as without a warm-up
         optimizer = _optimizer(cfg, self.model.parameters())
 
         # Every rank draws the same Poisson masks (each keeps its shard: together, the one-process batch) and
@@ -281,6 +296,8 @@ class Trainer:
         if self.optimizer.expected_batch_size != plan.divisor:
             raise RuntimeError(f"internal: the engine divides by {self.optimizer.expected_batch_size}, the plan "
                                f"says {plan.divisor}")
+        if saved is None and plan.releases:   # the ledger starts with what the warm-up released
+            self.engine.compose_releases([r.entry for r in plan.releases])
         self.ema = EMA(self.network, cfg.model.ema_rate)
         self.resume_note = None
         self.step, self.wall_before = 0, 0.0
@@ -323,6 +340,11 @@ class Trainer:
                                        "to resume. Sample from it with `dpdm-fast sample`")
         if self.max_steps is not None and self.max_steps <= step:
             raise ValueError(f"--max-steps {self.max_steps}: the checkpoint is already at step {step}")
+        planned = [r.entry for r in plan.releases]
+        saved_releases = [tuple(e) for e in state["privacy"]["engine"].get("prior_releases", [])]
+        if saved_releases != planned:
+            raise ckpt.CheckpointError(f"{self.ckpt_path}: its ledger starts with the releases {saved_releases}, this "
+                                       f"config plans {planned}: resuming would miscount the budget")
         ckpt.load_network_weights(self.network, state["model"])
         self.ema.load_state_dict(state["ema"], state["ema_num_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -443,6 +465,10 @@ class Trainer:
         out = (Monitor(self.workdir, plan.total_steps, self.step, plan.steps_per_epoch, progress=self.progress)
                if main else SilentMonitor())
         out.write(plan.describe())
+        if plan.releases:
+            out.write(plan.describe_split())
+        for line in self.warmup_log:
+            out.write(line)
         out.write(f"K={cfg.loss.n_noise_samples} noise samples per example, physical batches of at most "
                   f"{self.physical_batch_size} examples (dp.max_physical_batch_size {cfg.dp.max_physical_batch_size} / "
                   f"dp.n_splits {cfg.dp.n_splits}), device {self.device}"
