@@ -6,12 +6,14 @@ before any DP-SGD step), and train the protocol's CNN on them (the released eval
 reporting its accuracy on the real MNIST test set. Writes bench/results/warmup_effect.json and .md.
 
     python bench/warmup_effect.py train NAME CONFIG [key=value ...]    # one arm: train + sample
+        (WARM_SAMPLES=1: also sample the warm weights alone, another ~5 minutes on 2 cores)
     python bench/warmup_effect.py evaluate                              # CNN on every arm's samples
 Run arms one after another (the machine's 2 cores): timings are only comparable within one session.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -60,7 +62,7 @@ def train_arm(name: str, config: str, overrides: list[str]) -> None:
     model, cfg = load_for_sampling(workdir / "checkpoint.pt")
     entry["sample_s"] = round(_sample(model, cfg, workdir / "samples_2000.npz"), 1)
     warm = workdir / "warmup"
-    for stage in ("warm_generated", "warm_central"):
+    for stage in (("warm_generated", "warm_central") if os.environ.get("WARM_SAMPLES") == "1" else ()):
         if (warm / f"{stage}.pt").exists():
             model = build_model(cfg)
             model.model.load_state_dict(torch.load(warm / f"{stage}.pt", weights_only=True)["ema"])

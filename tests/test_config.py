@@ -37,6 +37,16 @@ def test_quick_cpu_preset_is_a_real_private_run_of_the_mnist_pipeline():
         {k: v for k, v in published.dp.items() if k not in ("max_physical_batch_size", "n_splits")}
     assert quick.dp.epsilon == 10.0 and quick.dp.delta == 1e-5 and quick.dp.accountant == "rdp"
     assert quick.data == published.data and quick.loss.version == "edm" and quick.model.denoiser_name == "edm"
+    assert quick.warmup.enabled   # DP-FETA's warm-up, composed into the same eps
+
+
+def test_quick_cpu_eps_1_preset_differs_from_the_eps_10_one_only_in_eps():
+    from omegaconf import OmegaConf
+    quick = OmegaConf.to_container(load_config("configs/mnist_28/quick_cpu.yaml"))
+    low = OmegaConf.to_container(load_config("configs/mnist_28/quick_cpu_eps_1.yaml"))
+    assert low["dp"].pop("epsilon") == 1.0 and quick["dp"].pop("epsilon") == 10.0
+    low["setup"].pop("workdir"), quick["setup"].pop("workdir")
+    assert low == quick
 
 
 def test_overrides_and_unknown_keys():

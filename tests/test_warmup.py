@@ -237,6 +237,9 @@ def test_a_crash_after_the_release_resumes_the_warmup_and_never_starts_over(tmp_
     (work / "checkpoint.pt").unlink()
     with pytest.raises(CheckpointError, match="other settings"):
         train(other, work, resume=True, max_steps=1, progress=False)
+    other_data = _warm_config(tmp_path, **{"data.path": str(tiny_mnist(tmp_path / "mnist_190", n_train=190))})
+    with pytest.raises(CheckpointError, match="not the data whose statistics"):
+        train(other_data, work, resume=True, max_steps=1, progress=False)
 
 
 def test_warmup_settings_are_checked_before_anything_runs(tmp_path):

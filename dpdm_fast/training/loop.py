@@ -269,7 +269,8 @@ class Trainer:
         self.labelled = bool(cfg.data.n_classes)
         self.warmup_log: list[str] = []
         if cfg.warmup.enabled and saved is None:   # (a resumed DP-SGD run has its weights in the checkpoint)
-            self.warmup_log = WarmStart(cfg, self.workdir, device, progress=self.progress).run(self.dataset, self.model)
+            self.warmup_log = WarmStart(cfg, self.workdir, device, progress=self.progress).run(
+                self.dataset, self.model, self.data_check)
             torch.manual_seed(seeds["init"])       # DP-SGD's dropout stream as without a warm-up
         optimizer = _optimizer(cfg, self.model.parameters())
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +75,17 @@ class WarmStart:
         self.log: list[str] = []
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def _check_record(self) -> None:
-        """The first call writes what the stages depend on; later calls (resumes) must match it exactly."""
+    def _check_record(self, data_check: str | None) -> None:
+        """The first call writes what the stages depend on (the settings, and the run's keyed data check: an
+        HMAC under the key in private/, safe to share); later calls (resumes) must match it exactly."""
         path, settings = self.dir / RECORD, _settings(self.cfg)
+        settings["data_check"] = data_check
         if path.exists():
             saved = json.loads(path.read_text())
+            if saved.get("data_check") != data_check:
+                raise ckpt.CheckpointError(
+                    f"{self.dir}: the training data at {self.cfg.data.path} is not the data whose statistics this "
+                    "warm-up released: the run cannot continue on other data; start a new run")
             if saved != settings:
                 raise ckpt.CheckpointError(
                     f"{self.dir} holds the warm-up of a run with other settings: its releases were made for those "
@@ -141,17 +148,20 @@ class WarmStart:
         and in ``warm_{name}.pt`` (read back on a resume instead of training again)."""
         path = self.dir / f"warm_{name}.pt"
         if not path.exists():
+            start = time.perf_counter()
             ema = pretrain(model, self.cfg, images, labels, steps=steps, seed=self.seeds[f"train_{name}"],
                            device=self.device, progress=self.progress, desc=f"warm-up: {name}")
             ckpt.save_atomic({"ema": {k: v.cpu() for k, v in ema.state_dict().items()}, "steps": steps}, path)
-            self.log.append(f"warm-up training: {steps} steps on {len(images)} {name} images -> {path}")
+            self.log.append(f"warm-up training: {steps} steps on {len(images)} {name} images in "
+                            f"{time.perf_counter() - start:.0f} s -> {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.model.load_state_dict(state["ema"])
 
-    def run(self, dataset, model: torch.nn.Module) -> list[str]:
+    def run(self, dataset, model: torch.nn.Module, data_check: str | None = None) -> list[str]:
         """All stages in order; ``model`` (the run's denoiser) ends with the warm EMA weights. Returns what was
-        done now (empty on a resume that found everything on disk)."""
-        self._check_record()
+        done now (empty on a resume that found everything on disk). ``data_check``: the run's keyed check of
+        its data, recorded with the first stage and compared on a resume."""
+        self._check_record(data_check)
         t = self.cfg.warmup.train
         images, labels = self.central(dataset)
         if t.central_steps:
