@@ -39,10 +39,11 @@ def _record(name: str, entry: dict) -> None:
 
 def _sample(model, cfg, out: Path) -> float:
     from dpdm_fast.generate import generate, sample_labels, write_samples
-    labels = sample_labels(N_SAMPLES, "all", cfg.data.n_classes)
+    # balanced labels and rounding: the settings of the first arms' samples (the same for every arm)
+    labels = sample_labels(N_SAMPLES, "balanced", cfg.data.n_classes)
     start = time.perf_counter()
     images = generate(model, cfg, N_SAMPLES, labels, seed=SEED, batch_size=500, sampler_options=dict(SAMPLER),
-                      progress=False)
+                      progress=False, quantize="round")
     write_samples(images, labels, out)
     return time.perf_counter() - start
 

@@ -82,7 +82,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Samples of a checkpoint (EMA weights) to an .npz of uint8 images and int64 labels, plus a grid PNG."""
     import time
 
-    from .generate import generate, load_for_sampling, sample_labels, sampler_settings, write_samples
+    from .generate import generate, label_mode, load_for_sampling, sample_labels, sampler_settings, write_samples
     from .training.loop import resolve_device
 
     device = resolve_device(args.device)
@@ -95,11 +95,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         options["num_steps"] = args.steps
     if args.guidance is not None:
         options["guid_scale"] = args.guidance
-    labels = sample_labels(args.n, args.labels, cfg.data.n_classes)
+    labels = sample_labels(args.n, args.labels, cfg.data.n_classes, seed=args.seed)
     start = time.perf_counter()
     images = generate(model, cfg, args.n, labels, seed=args.seed, batch_size=args.batch, sampler_options=options,
-                      device=device, progress=not args.no_progress)
-    npz, png = write_samples(images, labels, args.out)
+                      device=device, progress=not args.no_progress, quantize=args.quantize)
+    npz, png = write_samples(images, labels, args.out, options={
+        "label_mode": label_mode(args.labels, cfg.data.n_classes), "quantize": args.quantize})
     print(f"wrote {args.n} samples to {npz} and a grid to {png} ({options['type']} sampler, "
           f"{options['num_steps']} steps, guidance {options['guid_scale']:g}, {time.perf_counter() - start:.0f} s on {device})")
     return 0
@@ -197,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--sampler", choices=("ddim", "edm"), default=None, help="default: the config's sampler.type")
     sa.add_argument("--steps", type=int, default=None, help="default: the config's sampler.num_steps")
     sa.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale w")
-    sa.add_argument("--labels", default="all", help="'all' (balanced over the classes) or a class index")
+    sa.add_argument("--labels", default="random", help="'random' (uniform over the classes, seeded by --seed: DPDM's "
+                    "released sampling), 'balanced' (n / classes each; 'all' is its older name) or a class index")
+    sa.add_argument("--quantize", choices=("truncate", "round"), default="truncate",
+                    help="floats to uint8: 'truncate' as DPDM's released code (default) or 'round'")
     sa.add_argument("--batch", type=int, default=500)
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", default="samples.npz")
@@ -244,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--delta", type=float, default=1e-5, help="DP baseline's delta")
     ev.add_argument("--dp-baseline", action="store_true", help="train the CNN on the real data with DP-SGD instead")
     ev.add_argument("--max-steps", type=int, default=None, help="DP baseline: stop after this many steps (a check)")
+    ev.add_argument("--input-range", choices=("minus_one_one", "zero_one"), default="minus_one_one",
+                    help="classifier inputs in [-1, 1] (DPDM's released evaluation, default) or [0, 1]")
+    ev.add_argument("--shuffle", choices=("fixed", "per_epoch"), default="fixed",
+                    help="training order: the same every epoch (released, default) or reshuffled per epoch")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default="eval_out", help="folder for report.json and report.md")
@@ -324,7 +332,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = run.evaluate(args.samples, args.dataset, args.data_dir, args.out, classifiers=classifiers,
                               epochs=run.downstream.EPOCHS if args.epochs is None else args.epochs, fid=args.fid,
                               inception_weights=args.inception_weights, epsilon=args.epsilon, seed=args.seed,
-                              device=args.device, progress=not args.no_progress)
+                              device=args.device, progress=not args.no_progress, input_range=args.input_range,
+                              shuffle=args.shuffle)
     except (SamplesError, InceptionUnavailable) as e:
         print(f"dpdm-fast: error: {e}", file=sys.stderr)
         return 2

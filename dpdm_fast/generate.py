@@ -51,28 +51,48 @@ def load_for_sampling(checkpoint: str | Path, config: str | Path | None = None, 
     return model.to(device).eval(), cfg
 
 
-def sample_labels(n: int, spec: str | int | None, n_classes: int | None) -> torch.Tensor | None:
-    """Labels for n samples: 'all' cycles through the classes (balanced: n/n_classes each), k gives class k."""
+LABEL_MODES = ("random", "balanced")
+
+
+def sample_labels(n: int, spec: str | int | None, n_classes: int | None, seed: int = 0) -> torch.Tensor | None:
+    """Labels for n samples. 'random' (the default, as DPDM's released sampling code: each label uniform over
+    the classes, drawn from a generator seeded with ``seed``), 'balanced' (cycles through the classes: n /
+    n_classes each; 'all' is its older name), or a class index k (every sample of class k)."""
     if not n_classes:
-        if spec not in (None, "all"):
+        if spec not in (None, "random", "balanced", "all"):
             raise ValueError(f"--labels {spec}: this model is unconditional (no classes)")
         return None
-    if spec in (None, "all"):
+    if spec in (None, "random"):
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 2]).generate_state(1)[0]))
+        return torch.randint(n_classes, (n,), generator=gen)
+    if spec in ("balanced", "all"):
         return torch.arange(n) % n_classes
     try:
         k = int(spec)
     except ValueError:
-        raise ValueError(f"--labels must be 'all' or a class index, got {spec!r}") from None
+        raise ValueError(f"--labels must be 'random', 'balanced' or a class index, got {spec!r}") from None
     if not 0 <= k < n_classes:
         raise ValueError(f"--labels {k}: classes are 0..{n_classes - 1}")
     return torch.full((n,), k, dtype=torch.long)
 
 
+def label_mode(spec: str | int | None, n_classes: int | None) -> str:
+    """How the labels of ``sample_labels(spec)`` were chosen, as recorded beside the samples."""
+    if not n_classes:
+        return "unconditional"
+    if spec in (None, "random"):
+        return "random"
+    if spec in ("balanced", "all"):
+        return "balanced"
+    return f"class {int(spec)}"
+
+
 def generate(model: torch.nn.Module, cfg: DictConfig, n: int, labels: torch.Tensor | None, *, seed: int = 0,
              batch_size: int = 500, sampler_options: dict | None = None, device: str | torch.device = "cpu",
-             progress: bool = True) -> np.ndarray:
-    """n images as (n, H, W, C) uint8. Batch b starts from noise of a generator seeded with (seed, b), so
-    the same seed and batch size give the same images on the same device and software."""
+             progress: bool = True, quantize: str = "truncate") -> np.ndarray:
+    """n images as (n, H, W, C) uint8 (``quantize``: see ``imaging.to_uint8``; 'truncate' as DPDM's release).
+    Batch b starts from noise of a generator seeded with (seed, b), so the same seed and batch size give the
+    same images on the same device and software."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch size >= 1, got {n}, {batch_size}")
     options = dict(sampler_options if sampler_options is not None else sampler_settings(cfg))
@@ -86,7 +106,7 @@ def generate(model: torch.nn.Module, cfg: DictConfig, n: int, labels: torch.Tens
         noise = torch.randn((size, *shape), generator=gen, device=device)
         y = None if labels is None else labels[start:start + size].to(device)
         images = sample(model, noise, y, guid_scale=guid_scale, no_label=no_label_token(cfg), generator=gen, **options)
-        out[start:start + size] = to_uint8(images)
+        out[start:start + size] = to_uint8(images, quantize)
     return out
 
 
@@ -101,8 +121,10 @@ def sampler_settings(cfg: DictConfig) -> dict:
     return options
 
 
-def write_samples(images: np.ndarray, labels: torch.Tensor | None, out: str | Path, grid_size: int = 100) -> tuple[Path, Path]:
-    """``out`` (.npz with 'images' uint8 N x H x W x C and 'labels' int64 N) and a grid PNG beside it."""
+def write_samples(images: np.ndarray, labels: torch.Tensor | None, out: str | Path, grid_size: int = 100,
+                  options: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """``out`` (.npz with 'images' uint8 N x H x W x C and 'labels' int64 N, plus one string array per entry
+    of ``options``, e.g. label_mode and quantize, which ``dpdm-fast eval`` reports) and a grid PNG beside it."""
     out = Path(out)
     if out.suffix != ".npz":
         raise ValueError(f"--out must name a .npz file, got {out}")
@@ -110,7 +132,10 @@ def write_samples(images: np.ndarray, labels: torch.Tensor | None, out: str | Pa
     label_array = (np.full(len(images), UNLABELLED, dtype=np.int64) if labels is None
                    else labels.numpy().astype(np.int64))
     tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez_compressed(tmp, images=images, labels=label_array)
+    extra = {k: np.array(str(v)) for k, v in (options or {}).items()}
+    if {"images", "labels"} & set(extra):
+        raise ValueError("options may not be named 'images' or 'labels'")
+    np.savez_compressed(tmp, images=images, labels=label_array, **extra)
     tmp.replace(out)
     shown = images[:grid_size]
     png = save_grid(shown, out.with_suffix(".png"), nrow=int(np.ceil(np.sqrt(len(shown)))), scale=2)

@@ -7,14 +7,22 @@ import numpy as np
 import torch
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
+QUANTIZE = ("truncate", "round")
+
+
+def to_uint8(images: torch.Tensor, quantize: str = "truncate") -> np.ndarray:
     """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8, the layout other evaluators read.
 
-    Values outside [-1, 1] (a sampler's overshoot) saturate at 0 / 255, as every image writer does.
+    ``quantize="truncate"`` is DPDM's released code, ``(x / 2 + 0.5).clip(0, 1) * 255`` cast to uint8
+    (rounds down); ``"round"`` rounds to the nearest level. Values outside [-1, 1] (a sampler's
+    overshoot) saturate at 0 / 255, as every image writer does.
     """
     if images.dim() != 4:
         raise ValueError(f"expected (N, C, H, W) images, got shape {tuple(images.shape)}")
-    scaled = ((images.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255)
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    scaled = ((images.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255)
+    scaled = scaled.floor() if quantize == "truncate" else scaled.round()
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 

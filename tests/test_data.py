@@ -147,6 +147,23 @@ def test_celeba_bad_image_is_an_error(tmp_path):
         CelebA(tmp_path / "faces", cache_dir=tmp_path / "c")
 
 
+def test_celeba_is_resized_with_lanczos_as_the_stylegan_dataset_tool(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)          # CelebA's aligned size
+    image = Image.fromarray(array)
+    ours = center_crop_resize(image, 32)
+    crop = array[(218 - 178) // 2:(218 + 178) // 2, :]                      # the tool's centre crop
+    tool = np.asarray(Image.fromarray(crop).resize((32, 32), Image.LANCZOS))
+    assert np.array_equal(ours, tool)
+    assert not np.array_equal(ours, center_crop_resize(image, 32, resample="bicubic"))
+    with pytest.raises(ValueError, match="resample"):
+        center_crop_resize(image, 32, resample="nearest")
+    make_faces(tmp_path / "faces", 1)
+    lanczos = CelebA(tmp_path / "faces", resolution=32, cache_dir=tmp_path / "c")
+    bicubic = CelebA(tmp_path / "faces", resolution=32, cache_dir=tmp_path / "c", resample="bicubic")
+    assert lanczos.cache_file != bicubic.cache_file                         # the cache key has the resampling
+
+
 def test_center_crop_takes_the_middle():
     array = np.zeros((40, 60, 3), dtype=np.uint8)
     array[:, 10:50] = 255  # the central 40x40 square is white, the borders black

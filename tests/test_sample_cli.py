@@ -31,9 +31,15 @@ def test_sample_writes_uint8_images_int64_labels_and_a_grid(run, tmp_path):
     _, ckpt = run
     images, labels = _sample(ckpt, tmp_path / "s.npz")
     assert images.dtype == np.uint8 and images.shape == (12, 28, 28, 1)
-    assert labels.dtype == np.int64 and labels.tolist() == [i % 10 for i in range(12)]
+    assert labels.dtype == np.int64 and labels.tolist() == sample_labels(12, "random", 10, seed=0).tolist()
     assert images.std() > 0
     assert Image.open(tmp_path / "s.png").size[0] > 28
+    with np.load(tmp_path / "s.npz") as f:                  # how they were made, for `dpdm-fast eval`'s report
+        assert (str(f["label_mode"]), str(f["quantize"])) == ("random", "truncate")
+    _, balanced = _sample(ckpt, tmp_path / "b.npz", "--labels", "balanced", "--quantize", "round")
+    assert balanced.tolist() == [i % 10 for i in range(12)]
+    with np.load(tmp_path / "b.npz") as f:
+        assert (str(f["label_mode"]), str(f["quantize"])) == ("balanced", "round")
 
 
 def test_same_seed_same_file_other_seed_other_images(run, tmp_path):
@@ -119,3 +125,26 @@ def test_unconditional_models_store_minus_one_labels(tmp_path):
     write_samples(images, None, tmp_path / "u.npz")
     with np.load(tmp_path / "u.npz") as f:
         assert f["labels"].tolist() == [-1] * 5
+
+
+def test_labels_are_uniform_random_by_default_as_released_and_balanced_on_request():
+    from dpdm_fast.generate import label_mode
+    random = sample_labels(1000, None, 10, seed=3)
+    assert torch.equal(random, sample_labels(1000, "random", 10, seed=3))          # reproducible from the seed
+    assert not torch.equal(random, sample_labels(1000, "random", 10, seed=4))
+    counts = random.bincount(minlength=10)
+    assert counts.min() > 50 and counts.max() < 150 and len(set(counts.tolist())) > 1   # not balanced
+    assert sample_labels(20, "balanced", 10).bincount().tolist() == [2] * 10
+    assert torch.equal(sample_labels(20, "all", 10), sample_labels(20, "balanced", 10))  # the older name
+    assert label_mode(None, 10) == "random" and label_mode("all", 10) == "balanced" and label_mode("3", 10) == "class 3"
+    with pytest.raises(ValueError, match="'random', 'balanced'"):
+        sample_labels(5, "uniform", 10)
+
+
+def test_samples_are_quantised_by_truncation_as_released_and_rounded_on_request():
+    from dpdm_fast.imaging import to_uint8
+    x = torch.tensor([-1.0, 0.0, 0.999, 1.0, 1.5, -2.0]).view(1, 1, 1, 6)
+    assert to_uint8(x).ravel().tolist() == [0, 127, 254, 255, 255, 0]            # (x/2+.5).clip(0,1)*255 -> uint8
+    assert to_uint8(x, "round").ravel().tolist() == [0, 128, 255, 255, 255, 0]
+    with pytest.raises(ValueError, match="quantize"):
+        to_uint8(x, "floor")

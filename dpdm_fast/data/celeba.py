@@ -1,8 +1,10 @@
 """CelebA (or any folder / zip of face images), center-cropped and resized with PIL.
 
-Decoding 200k JPEGs every epoch would dominate a small DP run, so the preprocessed images
+As DPDM prepared CelebA (the StyleGAN dataset tool, ``--transform=center-crop``): the largest
+central square, resized with LANCZOS, no flips. ``resample="bicubic"`` keeps this package's earlier
+choice. Decoding 200k JPEGs every epoch would dominate a small DP run, so the preprocessed images
 are cached once as a single uint8 array (N, H, W, 3) keyed by the source files, split,
-resolution and crop; later runs memory-map it.
+resolution, crop and resampling; later runs memory-map it.
 """
 from __future__ import annotations
 
@@ -22,8 +24,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = {"train": 0, "valid": 1, "test": 2}
 
 
-def center_crop_resize(image: Image.Image, resolution: int, crop: int | None = None) -> np.ndarray:
-    """Crop the central ``crop`` x ``crop`` square (default: the largest square) and resize."""
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bicubic": Image.Resampling.BICUBIC}
+
+
+def center_crop_resize(image: Image.Image, resolution: int, crop: int | None = None,
+                       resample: str = "lanczos") -> np.ndarray:
+    """Crop the central ``crop`` x ``crop`` square (default: the largest square, rows and columns from
+    (size - crop) // 2, as the StyleGAN dataset tool) and resize with ``resample`` ('lanczos', the
+    tool's and DPDM's; 'bicubic')."""
+    if resample not in RESAMPLING:
+        raise ValueError(f"resample must be one of {sorted(RESAMPLING)}, got {resample!r}")
     image = image.convert("RGB")
     w, h = image.size
     side = min(w, h) if crop is None else crop
@@ -31,7 +41,7 @@ def center_crop_resize(image: Image.Image, resolution: int, crop: int | None = N
         raise ValueError(f"crop {side} is larger than the image ({w}x{h})")
     left, top = (w - side) // 2, (h - side) // 2
     image = image.crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=None)
+    image = image.resize((resolution, resolution), RESAMPLING[resample], reducing_gap=None)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -100,7 +110,7 @@ class CelebA(Dataset):
     items_from_arrays = ("data",)   # what a dataset hash must read (dpdm_fast.engine.distributed.dataset_hash)
 
     def __init__(self, root: str | os.PathLike, split: str = "train", resolution: int = 32,
-                 crop: int | None = None, cache_dir: str | os.PathLike | None = None):
+                 crop: int | None = None, cache_dir: str | os.PathLike | None = None, resample: str = "lanczos"):
         root = Path(root)
         if (root / "img_align_celeba").is_dir():
             root = root / "img_align_celeba"
@@ -110,17 +120,19 @@ class CelebA(Dataset):
         if not names:
             raise FileNotFoundError(f"no images for split {split!r} under {root}")
         source.names = names
-        key = f"{source.fingerprint()}-{split}-{resolution}-{crop}"
+        if resample not in RESAMPLING:
+            raise ValueError(f"resample must be one of {sorted(RESAMPLING)}, got {resample!r}")
+        key = f"{source.fingerprint()}-{split}-{resolution}-{crop}-{resample}"
         cache_dir = Path(cache_dir) if cache_dir else (root.parent if root.is_file() else root) / ".dpdm_fast_cache"
         cache = cache_dir / f"celeba-{key}.npy"
         if not cache.is_file():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            array = np.stack([center_crop_resize(source.open(n), resolution, crop) for n in _progress(names)])
+            array = np.stack([center_crop_resize(source.open(n), resolution, crop, resample) for n in _progress(names)])
             tmp = cache.with_suffix(".tmp.npy")
             np.save(tmp, array)
             tmp.rename(cache)
         self.data = np.load(cache, mmap_mode="r")
-        self.names, self.resolution, self.cache_file = names, resolution, cache
+        self.names, self.resolution, self.cache_file, self.resample = names, resolution, cache, resample
 
     def __len__(self) -> int:
         return len(self.data)

@@ -76,6 +76,11 @@ def markdown(r: dict) -> str:
                          f"| {c['epochs']} | {ref} |")
         p = r.get("protocol", {})
         lines += ["", f"Protocol: {p.get('description', '')}", ""]
+        options = r.get("evaluation_options", {})
+        if options:
+            lines += ["Evaluation options: " + ", ".join(f"{k}={v}" for k, v in options.items()) +
+                      " (DPDM's released evaluation: input_range=minus_one_one, shuffle=fixed, label_mode=random, "
+                      "quantize=truncate)", ""]
     if "fid" in r:
         ref = ", ".join(f"eps={e}: {row['fid']}" for e, row in paper.items() if "fid" in row) or "-"
         fid = "not computed" if r["fid"] is None else f"{r['fid']:.2f}"

@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import downstream
-from .samples import dataset_spec, load_samples, real_split
+from .samples import dataset_spec, load_samples, real_split, sample_options
 
 
 def cache_dir() -> Path:
@@ -16,10 +16,14 @@ def cache_dir() -> Path:
 def evaluate(samples: str | Path, dataset: str, data_dir: str | Path, out: str | Path, *,
              classifiers: list[str] | None = None, epochs: int = downstream.EPOCHS, fid: bool = False,
              inception_weights: str | Path | None = None, epsilon: float | None = None, seed: int = 0,
-             device: str = "cpu", progress: bool = True, fid_network=None) -> dict:
+             device: str = "cpu", progress: bool = True, fid_network=None,
+             input_range: str = "minus_one_one", shuffle: str = "fixed") -> dict:
     """Evaluate a SAMPLES.npz by the paper's protocol and write report.json / report.md into ``out``.
 
-    ``fid_network``: (name, module) in place of Inception (tests use a small stand-in)."""
+    ``input_range`` / ``shuffle``: the classifiers' inputs and batch order (defaults: DPDM's released code;
+    see ``downstream``). The report's ``evaluation_options`` records them and how the samples were made
+    (``label_mode``, ``quantize``, as ``dpdm-fast sample`` stores them). ``fid_network``: (name, module) in
+    place of Inception (tests use a small stand-in)."""
     from .report import paper_rows, write_report
     from .classifiers import CLASSIFIERS
     spec = dataset_spec(dataset)
@@ -34,13 +38,17 @@ def evaluate(samples: str | Path, dataset: str, data_dir: str | Path, out: str |
                          "and no --fid")
     if epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {epochs}")
+    if input_range not in downstream.INPUT_RANGES or shuffle not in downstream.SHUFFLES:
+        raise ValueError(f"input_range must be one of {downstream.INPUT_RANGES} and shuffle one of "
+                         f"{downstream.SHUFFLES}, got {input_range!r}, {shuffle!r}")
     images, labels, notes = load_samples(samples, dataset, need_labels=bool(classifiers))
     # FID's network and reference statistics first: a missing Inception file must not cost the classifiers' hours
     reference = _fid_reference(dataset, data_dir, inception_weights, device, progress, fid_network) if fid else None
     if epochs != downstream.EPOCHS:
         notes.append(f"reduced protocol: {epochs} epochs instead of the protocol's {downstream.EPOCHS}")
     report = {"dataset": dataset, "samples": str(samples), "n_samples": len(images), "notes": notes, "seed": seed,
-              "epsilon": epsilon, "paper": paper_rows(dataset, epsilon), "classifiers": {}}
+              "epsilon": epsilon, "paper": paper_rows(dataset, epsilon), "classifiers": {},
+              "evaluation_options": {"input_range": input_range, "shuffle": shuffle, **sample_options(samples)}}
     if classifiers:
         test_x, test_y = real_split(dataset, data_dir, train=False)
         report["protocol"] = {"description": f"{len(images)} samples split 90/10 (seed {seed}); Adam lr "
@@ -51,7 +59,8 @@ def evaluate(samples: str | Path, dataset: str, data_dir: str | Path, out: str |
                               "val_fraction": downstream.VAL_FRACTION}
         for name in classifiers:
             result = downstream.train_downstream(name, images, labels, test_x, test_y, epochs=epochs, seed=seed,
-                                                 device=device, progress=progress)
+                                                 device=device, progress=progress, input_range=input_range,
+                                                 shuffle=shuffle)
             report["classifiers"][name] = asdict(result)
     if fid:
         from .fid import fid as fid_of

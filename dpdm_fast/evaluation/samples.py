@@ -96,6 +96,18 @@ def load_samples(path: str | Path, dataset: str, need_labels: bool = True) -> tu
     return images, labels, notes
 
 
+def sample_options(path: str | Path) -> dict[str, str]:
+    """How the samples were made, as ``dpdm-fast sample`` records it beside them: ``label_mode`` ('random',
+    'balanced', 'class k', 'unconditional') and ``quantize`` ('truncate', 'round'); 'not recorded' for files
+    written otherwise (or by older versions)."""
+    found = {"label_mode": "not recorded", "quantize": "not recorded"}
+    with np.load(path, allow_pickle=False) as f:
+        for key in found:
+            if key in f:
+                found[key] = str(f[key])
+    return found
+
+
 def real_split(dataset: str, data_dir: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """The real training or test set as (uint8 N x H x W x C, labels or None), from the dataset's reader
     (MNIST / Fashion-MNIST IDX files, CelebA's folder or zip)."""
