@@ -87,10 +87,32 @@ def evaluate() -> None:
             print(workdir.name, key, result.test_accuracy)
 
 
+def report() -> None:
+    """bench/results/warmup_effect.md from the JSON."""
+    data = json.loads((RESULTS / "warmup_effect.json").read_text())
+    lines = ["# The warm-up's effect on the quick presets (bench/warmup_effect.py)", "",
+             f"{N_SAMPLES} samples per arm ({SAMPLER['type']} {SAMPLER['num_steps']} steps, guidance "
+             f"{SAMPLER['guid_scale']}, balanced labels, rounded); the protocol CNN (inputs in [-1, 1], fixed order, "
+             "50 epochs, best synthetic-validation epoch) tested on the 10,000 real MNIST test images.", "",
+             "| arm | config + overrides | eps spent | DP-SGD steps | training wall (all stages) | sampling | CNN accuracy "
+             "| warm weights alone |", "|---|---|---|---|---|---|---|---|"]
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+    for name, e in data.items():
+        lines.append(f"| {name} | `{e['config']}` {' '.join(e['overrides'])} | {e['epsilon']:.4f} | {e['steps']} | "
+                     f"{e['train_wall_s']:.0f} s | {e['sample_s']:.0f} s | {pct(e.get('cnn_accuracy'))} | "
+                     f"{pct(e.get('cnn_accuracy_warm_central'))} |")
+    notes = [f"- {name}: {e['note']}" for name, e in data.items() if e.get("note")]
+    lines += ["", *notes, "", f"Machine: {next(iter(data.values()))['machine']}.", ""]
+    (RESULTS / "warmup_effect.md").write_text("\n".join(lines))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "train":
         train_arm(sys.argv[2], sys.argv[3], sys.argv[4:])
     elif sys.argv[1] == "evaluate":
         evaluate()
+    elif sys.argv[1] == "report":
+        report()
     else:
         raise SystemExit(__doc__)
