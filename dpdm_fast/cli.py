@@ -262,9 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"training config to audit (default {DEFAULT_AUDIT_CONFIG}: 1-2 minutes on 2 CPU cores)")
     au.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     au.add_argument("--canaries", type=int, default=1000, help="m canaries, each included with probability 1/2")
-    au.add_argument("--mode", choices=("gradient", "input"), default="gradient",
-                    help="gradient: white-box canaries with a fixed gradient direction (the strongest audit); "
-                         "input: black-box image canaries scored by their loss")
+    au.add_argument("--mode", choices=("gradient", "layer", "input"), default="gradient",
+                    help="gradient: white-box canaries with a fixed gradient direction on an extra parameter vector "
+                         "(the strongest audit); layer: white-box canaries whose gradient lies in one of the "
+                         "network's own layers (--canary-layer); input: black-box image canaries scored by their loss")
+    au.add_argument("--canary-layer", default=None,
+                    help="--mode layer: the network layer (a name from network.named_modules(), e.g. "
+                         "all_modules.6.Conv_1; default: the largest Conv2d)")
+    au.add_argument("--trainer", action="store_true",
+                    help="audit the real Trainer end to end (layer canaries among the training examples; EMA, "
+                         "checkpoints, warm-up stages if configured, an interruption and --resume in the middle); "
+                         "its run is written to OUT/run")
+    au.add_argument("--backend", default=None, choices=("torch", "triton", "cuda", "auto"),
+                    help="the engine backend to audit (default: the config's dp.backend); the report names it")
     au.add_argument("--noise-multiplier", type=float, default=None,
                     help="override the calibrated noise (0: no noise, to check that the audit detects the leak)")
     au.add_argument("--real-examples", type=int, default=1000, help="how many real training examples to train on")
@@ -295,16 +305,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
         config = Path(__file__).resolve().parents[1] / DEFAULT_AUDIT_CONFIG
         if not config.exists():
             raise FileNotFoundError(f"the default audit config {DEFAULT_AUDIT_CONFIG} is missing: give a CONFIG")
-    cfg = load_config(config, args.overrides)
-    result = audit(cfg, canaries=args.canaries, mode=args.mode, noise_multiplier=args.noise_multiplier,
-                   real_examples=args.real_examples, confidence=args.confidence, seed=args.seed,
-                   device=args.device, progress=not args.no_progress)
+    overrides = list(args.overrides) + ([f"dp.backend={args.backend}"] if args.backend else [])
+    cfg = load_config(config, overrides)
+    if args.trainer:
+        from .audit.trainer_audit import audit_trainer
+        if args.mode != "gradient" or args.noise_multiplier is not None:
+            raise ValueError("--trainer audits the Trainer as configured, with layer canaries: drop --mode and "
+                             "--noise-multiplier (change the config's dp.* instead)")
+        result = audit_trainer(cfg, Path(args.out) / "run", canaries=args.canaries, real_examples=args.real_examples,
+                               confidence=args.confidence, seed=args.seed, canary_layer=args.canary_layer,
+                               device=args.device, progress=not args.no_progress)
+    else:
+        result = audit(cfg, canaries=args.canaries, mode=args.mode, noise_multiplier=args.noise_multiplier,
+                       real_examples=args.real_examples, confidence=args.confidence, seed=args.seed,
+                       canary_layer=args.canary_layer, device=args.device, progress=not args.no_progress)
     paths = write_report(result, args.out)
     print(verdict(result))
-    print(f"claimed eps {result['claimed_epsilon']:g}, audited lower bound {result['epsilon_lower_bound']:.4f} at "
-          f"{100 * result['confidence']:.0f}% confidence (ceiling {result['ceiling']:.3f} for "
-          f"{result['guesses']['top'] + result['guesses']['bottom']} guesses); report in {paths['json']}, "
-          f"{paths['markdown']}, {paths['plot']}")
+    print(f"claimed eps {result['claimed_epsilon']:g}, audited lower bound {result['epsilon_lower_bound']:.4f} "
+          f"({result['best_estimator']}) at {100 * result['confidence']:.0f}% confidence; "
+          + ", ".join(f"{name} {e['epsilon']:.3f}" for name, e in result["estimators"].items())
+          + f"; backend {result['backend']}; report in {paths['json']}, {paths['markdown']}, {paths['plot']}")
     return 0
 
 

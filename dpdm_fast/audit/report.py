@@ -7,18 +7,24 @@ from pathlib import Path
 import numpy as np
 
 
+def _by(result: dict) -> str:
+    name = result["best_estimator"]
+    return f"{name}, {'valid for any scores' if result['estimators'][name]['rigorous'] else 'model-based'}"
+
+
 def verdict(result: dict) -> str:
     lb, claimed = result["epsilon_lower_bound"], result["claimed_epsilon"]
     if 0 < result["noise_multiplier"] != result["calibrated_noise_multiplier"]:   # the run claims what its noise gives
         spent = result["accountant_epsilon_of_this_run"]
         return (f"noise overridden (sigma={result['noise_multiplier']:.4g}, eps {spent:.3f} by the accountant): "
-                + (f"LEAK: the lower bound {lb:.3f} exceeds it" if lb > spent else f"the lower bound {lb:.3f} is below it"))
+                + (f"LEAK: the lower bound {lb:.3f} ({_by(result)}) exceeds it" if lb > spent
+                   else f"the lower bound {lb:.3f} is below it"))
     if result["noise_multiplier"] == 0:
-        return (f"noise off: the audit measured eps >= {lb:.2f} (ceiling {result['ceiling']:.2f}); "
+        return (f"noise off: the audit measured eps >= {lb:.2f} ({_by(result)}); "
                 + ("it detects the leak (above the claimed eps of the noised run)" if lb > claimed
                    else "it did NOT detect a leak above the claimed eps: the audit has too little power here"))
     if lb > claimed:
-        return f"LEAK: the measured lower bound {lb:.3f} exceeds the claimed eps {claimed:g}"
+        return f"LEAK: the measured lower bound {lb:.3f} ({_by(result)}) exceeds the claimed eps {claimed:g}"
     return f"consistent: the measured lower bound {lb:.3f} is below the claimed eps {claimed:g}"
 
 
@@ -34,20 +40,28 @@ def markdown(result: dict) -> str:
         "|---|---|",
         f"| claimed eps (config target, delta={r['delta']:g}) | {r['claimed_epsilon']:g} |",
         f"| accountant eps of this run | {'inf (no noise)' if spent is None else f'{spent:.4f}'} |",
-        f"| eps lower bound ({100 * r['confidence']:.0f}% confidence) | {r['epsilon_lower_bound']:.4f} |",
-        f"| ceiling for {g['top'] + g['bottom']} guesses (the most any guess count could show) | "
-        f"{r['ceiling']:.3f} ({r['max_ceiling']:.3f}) |",
-        f"| right guesses | {g['right']} of {g['top']} top + {g['bottom']} bottom |",
+        f"| eps lower bound ({100 * r['confidence']:.0f}% confidence, the best estimator) | "
+        f"{r['epsilon_lower_bound']:.4f} ({r['best_estimator']}) |",
+        f"| central-limit mu of this run's DP-SGD (for reading the GDP bounds) | {r['accountant_mu_clt']:.4f} |",
+        f"| score | {r['score']['statistic']} |",
         f"| canaries (included) | {r['canaries']} ({r['included']}) |",
         f"| real examples | {r['real_examples']} |",
         f"| noise multiplier (calibrated) | {r['noise_multiplier']:.4f} ({r['calibrated_noise_multiplier']:.4f}) |",
         f"| sample rate, steps, K, C | {r['sample_rate']:.4f}, {r['steps']}, {r['noise_multiplicity']}, {r['max_grad_norm']:g} |",
         f"| backend, device | {r['backend']}, {r['device']} |",
+        *([f"| canary layer | {r['canary_layer']} |"] if r.get("canary_layer") else []),
         f"| wall time | {r['wall_s']:.0f} s |",
         "",
-        "Guess counts tried (fixed in advance, Bonferroni-corrected: each at significance "
-        f"{r['significance_per_candidate']:.4f}): "
-        + ", ".join(f"{c['guesses']} (ceiling {c['ceiling']:.2f})" for c in r["candidates"]) + ".",
+        "Estimators (each at its fixed share of the significance 1 - confidence, so that the best keeps the confidence):",
+        "",
+        "| estimator | eps lower bound | mu lower bound | holds for |",
+        "|---|---|---|---|",
+        *[f"| {name} | {e['epsilon']:.4f} | {'-' if e.get('mu') is None else format(e['mu'], '.4f')} | "
+          f"{'any scores' if e['rigorous'] else 'independent canaries' + (', Gaussian scores' if 'fit' in name else '')} |"
+          for name, e in r["estimators"].items()],
+        "",
+        f"eps_delta_one_run: {g['right']} right of {g['top']} top + {g['bottom']} bottom guesses; ceiling "
+        f"{r['ceiling']:.3f} (the most any of its guess counts could show: {r['max_ceiling']:.3f}).",
         "",
         "What this shows: a lower bound, at the stated confidence, on the eps of the parts of the pipeline "
         "that this run exercised (below), not of the whole training pipeline. A bound below the claim is "

@@ -25,29 +25,40 @@ from ..engine.sampling.poisson import PoissonDataLoader
 from ..generate import build_model
 from ..training.loop import _optimizer, resolve_device
 from ..training.privacy_plan import plan_privacy, quiet_accountant
-from .bound import best_bound
 from .canaries import AuditDataset, CanaryDenoiser, random_images
+from .estimators import estimate_all
+from .gaussian_dp import dp_sgd_mu
+from .layer_canaries import LayerCanaries, default_layer
+from .scores import white_box_scores
 
-MODES = ("gradient", "input")
+MODES = ("gradient", "layer", "input")
 
 # What each mode's run puts to the test, and what it leaves out (report.json's "scope"; said in report.md).
-_COMMON = ["Poisson sampling at the plan's rate (PoissonDataLoader, with empty batches)",
-           "the per-example clip over all parameters, the clipped sum and the Gaussian noise of the configured backend",
+COMMON_SCOPE = ["Poisson sampling at the plan's rate (PoissonDataLoader, with empty batches)",
+           "the per-example clip over all parameters, the clipped sum and the Gaussian noise of the named backend",
            "the update's divisor from the public expected batch size", "BatchMemoryManager's physical batches",
            "the accountant's sigma calibration (the claim)"]
-_NEVER = ["the Trainer: EMA, checkpoints, resume (a repeated noise or Poisson draw after a resume would not be seen)",
+_NEVER = ["the Trainer: EMA, checkpoints, resume (`dpdm-fast audit --trainer` audits those)",
           "the other backends than the one named", "multi-process (distributed) training"]
 SCOPE = {
     "gradient": {
         "exercised": ["the canary parameter vector's path through the engine's rule for a bias-free Linear layer "
-                      "(each canary's gradient is a one-hot direction in it)", *_COMMON],
+                      "(each canary's gradient is a one-hot direction in it)", *COMMON_SCOPE],
         "not_exercised": ["the network's own layer rules (Conv2d, GroupNorm, attention, ...): the canaries' gradients "
-                          "never touch them, so a bug that left those gradients unclipped would not be seen",
+                          "never touch them, so a bug that left those gradients unclipped would not be seen "
+                          "(--mode layer puts one of them to the test)",
                           "the loss's K-row layout for the canaries (their loss is the canary term only)", *_NEVER],
+    },
+    "layer": {
+        "exercised": ["the engine's rule for the named network layer (its per-example gradients of the canaries, "
+                      "their norms and clipping), inside the real network's forward and backward, with the loss's "
+                      "K rows per example", *COMMON_SCOPE],
+        "not_exercised": ["the rules of the network's other layers (the canaries' gradients lie in the named layer "
+                          "only: audit another layer with --canary-layer)", *_NEVER],
     },
     "input": {
         "exercised": ["the whole network and its layer rules, and the loss with K noise samples per example, for "
-                      "image canaries", *_COMMON],
+                      "image canaries", *COMMON_SCOPE],
         "not_exercised": ["worst-case gradients: input canaries are scored by their loss only (black-box, weak: "
                           "a leak can go unseen)", *_NEVER],
     },
@@ -55,13 +66,23 @@ SCOPE = {
 INCLUSION_STREAM = 0x1C1D   # SeedSequence key of the canaries' inclusion bits
 
 
-def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", noise_multiplier: float | None = None,
-          real_examples: int = 1000, confidence: float = 0.95, score_draws: int = 32, seed: int = 0,
-          device: str | None = None, progress: bool = True) -> dict:
-    """Train once with ``canaries`` canaries (each included with probability 1/2) and return the
-    audit: the claimed epsilon, the lower bound at ``confidence``, its ceiling, and the scores."""
-    from ..engine.api.privacy_engine import PrivacyEngine
+def inclusion_bits(canaries: int, seed: int) -> torch.Tensor:
+    """Each canary in with probability 1/2, from a stream of its own: nothing else in the run (initialisation,
+    sampling, noise) may be a function of them."""
+    return torch.from_numpy(np.random.default_rng([seed, INCLUSION_STREAM]).random(canaries) < 0.5)
 
+
+def audit_population(cfg: DictConfig, real_examples: int, canaries: int, seed: int):
+    """The first ``real_examples`` real examples, the canaries' inclusion bits, images and labels."""
+    real = build_dataset(cfg.data.name, cfg.data.path)
+    if not 1 <= real_examples <= len(real):
+        raise ValueError(f"--real-examples {real_examples}: the dataset has {len(real)}")
+    real = Subset(real, range(real_examples))
+    images, labels = random_images(canaries, tuple(real[0][0].shape), cfg.data.n_classes, seed + 1)
+    return real, inclusion_bits(canaries, seed), images, labels
+
+
+def check_arguments(mode: str, canaries: int, noise_multiplier: float | None, confidence: float) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     if canaries < 4:
@@ -70,17 +91,20 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
         raise ValueError(f"--noise-multiplier must be >= 0, got {noise_multiplier}")
     if not 0 < confidence < 1:
         raise ValueError(f"--confidence must be in (0, 1), got {confidence}")
+
+
+def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", noise_multiplier: float | None = None,
+          real_examples: int = 1000, confidence: float = 0.95, score_draws: int = 32, seed: int = 0,
+          canary_layer: str | None = None, device: str | None = None, progress: bool = True) -> dict:
+    """Train once with ``canaries`` canaries (each included with probability 1/2) and return the
+    audit: the claimed epsilon, each estimator's lower bound at ``confidence``, and the scores."""
+    from ..engine.api.privacy_engine import PrivacyEngine
+
+    check_arguments(mode, canaries, noise_multiplier, confidence)
     dev = resolve_device(device)
     start = time.perf_counter()
-    real = build_dataset(cfg.data.name, cfg.data.path)
-    if not 1 <= real_examples <= len(real):
-        raise ValueError(f"--real-examples {real_examples}: the dataset has {len(real)}")
-    real = Subset(real, range(real_examples))
-    # the inclusion bits get a stream of their own: nothing else in the run (initialisation, sampling, noise)
-    # may be a function of them
-    included = torch.from_numpy(np.random.default_rng([seed, INCLUSION_STREAM]).random(canaries) < 0.5)
-    shape = tuple(real[0][0].shape)
-    images, labels = random_images(canaries, shape, cfg.data.n_classes, seed + 1)
+    real, included, images, labels = audit_population(cfg, real_examples, canaries, seed)
+    shape = tuple(images.shape[1:])
     dataset = AuditDataset(real, images, labels, included)
 
     dp, K = cfg.dp, cfg.loss.n_noise_samples
@@ -91,7 +115,12 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
     sigma = plan.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
 
     torch.manual_seed(seed)
-    denoiser = build_model(cfg)
+    denoiser = build_model(cfg).to(dev)
+    layer = None
+    if mode == "layer":
+        canary_layer = canary_layer or default_layer(denoiser.model)
+        layer = LayerCanaries(denoiser, canary_layer, canaries, plan.max_grad_norm, shape,
+                              bool(cfg.data.n_classes), seed + 6)
     model = (CanaryDenoiser(denoiser, canaries, plan.max_grad_norm) if mode == "gradient" else denoiser).to(dev)
     optimizer = _optimizer(cfg, model.parameters())
     loader = PoissonDataLoader(dataset, sample_rate=plan.sample_rate, steps=plan.steps_per_epoch,
@@ -113,8 +142,8 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
 
     # input canaries: score = how much training lowered each canary's loss (the same noise draws before and
     # after), which removes most of the canary-to-canary spread of the loss itself
-    initial_scores = (_scores(mode, model, private, cfg, images, labels, score_draws, seed, dev)
-                      if mode == "input" else 0.0)
+    initial_scores = (_loss_scores(private, cfg, images, labels, score_draws, seed, dev) if mode == "input" else 0.0)
+    released = []     # white-box modes: each released update's component along each canary's direction
     steps = plan.budget_steps
     bar = tqdm(total=steps, disable=not progress, unit="step", desc=f"audit ({mode} canaries)")
     while engine.steps < steps:
@@ -123,51 +152,81 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
                 before = engine.steps
                 x, ids = x.to(dev), ids.to(dev)
                 y = y.to(dev) if labelled else None
-                if mode == "gradient":
-                    model.set_canaries(ids.repeat_interleave(K))
+                canary_rows = {"gradient": model.set_canaries if mode == "gradient" else None,
+                               "layer": layer.set_rows if layer is not None else None}.get(mode)
+                if canary_rows is not None:
+                    canary_rows(ids.repeat_interleave(K))
                 per_example = loss_fn(private, x, y, generator=loss_gen)
-                if mode == "gradient":   # canaries: only their canary term; real examples: only their loss
-                    canary_term = model.canary_term.reshape(len(x), K).mean(dim=1)
-                    per_example = torch.where(ids >= 0, canary_term, per_example)
+                if canary_rows is not None:   # canaries: only their canary term; real examples: only their loss
+                    term = (model if mode == "gradient" else layer).canary_term
+                    per_example = torch.where(ids >= 0, term.reshape(len(x), K).mean(dim=1), per_example)
                 (per_example.sum() if len(x) == 0 else per_example.mean()).backward()
                 optimizer.step()
+                if engine.steps > before and mode != "input":
+                    released.append(_released_components(mode, model, layer))
                 optimizer.zero_grad(set_to_none=True)
                 if engine.steps > before:
                     bar.update(1)
                     if engine.steps >= steps:
                         break
     bar.close()
+    if layer is not None:
+        layer.set_rows(None)
 
-    scores = _scores(mode, model, private, cfg, images, labels, score_draws, seed, dev) - initial_scores
+    if mode == "input":
+        scores = _loss_scores(private, cfg, images, labels, score_draws, seed, dev) - initial_scores
+        statistic = {"statistic": "decrease of the denoising loss (initial minus final model)"}
+    else:
+        scores, statistic = white_box_scores(np.stack(released))
     if not np.isfinite(scores).all():
         raise FloatingPointError("some canary scores are not finite (the training diverged?): no audit")
-    bound = best_bound(scores, included.numpy(), dp.delta, confidence)
     with quiet_accountant():
         spent = engine.get_epsilon(dp.delta) if sigma > 0 else math.inf
+    return assemble(scores, included, cfg, confidence, mode=mode, sigma=sigma, plan=plan, spent=spent,
+                    steps=engine.steps, backend=private.backend, device=dev, real_examples=real_examples,
+                    statistic=statistic, canary_layer=None if layer is None else layer.layer_name, seed=seed,
+                    wall_s=time.perf_counter() - start, scope=SCOPE[mode])
+
+
+def assemble(scores, included, cfg, confidence, *, mode, sigma, plan, spent, steps, backend, device, real_examples,
+             statistic, canary_layer, seed, wall_s, scope) -> dict:
+    """report.json's content: the claim, every estimator's bound (the best first), the run's settings, scores."""
+    dp = cfg.dp
+    included = np.asarray(included, dtype=bool)
+    est = estimate_all(scores, included, dp.delta, confidence)
+    steinke = est["estimators"]["eps_delta_one_run"]
     return {
-        "mode": mode, "canaries": canaries, "included": int(included.sum()), "real_examples": real_examples,
+        "mode": mode, "canaries": len(scores), "included": int(included.sum()), "real_examples": real_examples,
         "claimed_epsilon": float(dp.epsilon), "delta": float(dp.delta),
-        "epsilon_lower_bound": bound.epsilon_lower_bound, "confidence": confidence,
-        "ceiling": bound.ceiling, "max_ceiling": max(c["ceiling"] for c in bound.candidates), "guesses": {"top": bound.guesses.plus, "bottom": bound.guesses.minus,
-                                              "right": bound.guesses.right},
-        "candidates": bound.candidates, "significance_per_candidate": bound.significance,
+        "epsilon_lower_bound": est["epsilon_lower_bound"], "best_estimator": est["best"],
+        "rigorous_epsilon_lower_bound": est["rigorous_epsilon_lower_bound"], "best_rigorous": est["best_rigorous"],
+        "estimators": est["estimators"], "confidence": confidence,
+        "ceiling": steinke["ceiling"], "max_ceiling": steinke["max_ceiling"], "guesses": steinke["guesses"],
+        "candidates": steinke["candidates"], "significance_per_candidate": steinke["significance_per_candidate"],
         "noise_multiplier": sigma, "calibrated_noise_multiplier": plan.noise_multiplier,
         "accountant_epsilon_of_this_run": None if math.isinf(spent) else spent,
-        "sample_rate": plan.sample_rate, "steps": engine.steps, "noise_multiplicity": K,
-        "max_grad_norm": plan.max_grad_norm, "backend": private.backend, "device": str(dev),
+        "accountant_mu_clt": dp_sgd_mu(plan.sample_rate, sigma, steps),
+        "sample_rate": plan.sample_rate, "steps": steps, "noise_multiplicity": cfg.loss.n_noise_samples,
+        "max_grad_norm": plan.max_grad_norm, "backend": backend, "device": str(device),
+        "canary_layer": canary_layer, "score": statistic,
         "config": {"data": cfg.data.name, "network": OmegaConf.to_container(cfg.model.network, resolve=True),
                    "batch_size": cfg.train.batch_size,
                    "n_epochs": cfg.train.n_epochs, "accountant": dp.accountant},
         "scores": [float(s) for s in scores], "included_mask": [bool(b) for b in included],
-        "seed": seed, "wall_s": time.perf_counter() - start, "scope": SCOPE[mode],
+        "seed": seed, "wall_s": wall_s, "scope": scope,
     }
 
 
+def _released_components(mode: str, model, layer) -> np.ndarray:
+    """This step's released update along each canary's direction (white-box: p.grad after the step holds it)."""
+    if mode == "gradient":   # canary j's direction is +e_j on theta
+        return model.canary.weight.grad.detach().reshape(-1).double().cpu().numpy()
+    return layer.project([p.grad for p in layer.params]).double().cpu().numpy()
+
+
 @torch.no_grad()
-def _scores(mode, model, private, cfg, images, labels, draws, seed, dev) -> np.ndarray:
-    """Higher = more likely included (gradient: minus theta, which started at 0; input: minus the loss)."""
-    if mode == "gradient":   # theta started at 0; an included canary pushed theta_j down
-        return -model.canary.weight.detach().reshape(-1).cpu().double().numpy()
+def _loss_scores(private, cfg, images, labels, draws, seed, dev) -> np.ndarray:
+    """Minus each input canary's denoising loss, averaged over ``draws`` fixed noise draws (higher: fitted)."""
     loss_fn = build_loss(**{**cfg.loss, "n_noise_samples": draws, "label_unconditioning_prob": 0.0})
     g = torch.Generator(device=dev).manual_seed(seed + 5)
     y_all = labels if cfg.data.n_classes else None

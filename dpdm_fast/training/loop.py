@@ -165,9 +165,7 @@ class Trainer:
         self.private_note: str | None = None   # why a resume found no private resume state (rank 0 only)
         saved = self._checkpoint_on_every_rank(resume)
 
-        self.dataset = build_dataset(cfg.data.name, cfg.data.path) if cfg.data.path else None
-        if self.dataset is None:
-            raise ValueError("data.path is not set: point it at the dataset folder (e.g. data.path=../shared/data/mnist)")
+        self.dataset = self._training_dataset()
         dp, public_size = cfg.dp, cfg.data.public_size
         # With data.public_size, nothing of the mechanism (q, steps, divisor) nor of the logs depends on len(dataset).
         self.plan: PrivacyPlan = plan_privacy(n_examples=len(self.dataset) if public_size is None else public_size,
@@ -183,6 +181,12 @@ class Trainer:
         self._build(saved)
 
     # -- setup --------------------------------------------------------------------------------
+    def _training_dataset(self):
+        """The private training set (the audit's trainer adds its canaries here)."""
+        if not self.cfg.data.path:
+            raise ValueError("data.path is not set: point it at the dataset folder (e.g. data.path=../shared/data/mnist)")
+        return build_dataset(self.cfg.data.name, self.cfg.data.path)
+
     def _checkpoint_on_every_rank(self, resume: bool) -> dict | None:
         """Rank 0 checks the workdir and reads the checkpoint; every rank gets it (or rank 0's error), so
         the other nodes need no shared disk and all ranks fail alike."""
@@ -448,6 +452,9 @@ class Trainer:
         stats.add_batch(float(losses.detach().float().sum()), len(x), float(norms.sum()),
                         int((norms > self.plan.max_grad_norm).sum()))
 
+    def _released(self) -> None:
+        """Called once per step, right after its noisy update is in p.grad (the audit reads it here)."""
+
     def _end_of_step(self, stats: StepStats, interrupt: "_Interrupt") -> tuple[StepStats, str | None]:
         """The step's statistics over all ranks, and the signal that stops the run (if any rank got one).
         Every rank decides from the same numbers, so all stop after the same step."""
@@ -499,6 +506,8 @@ class Trainer:
                             try:
                                 self._physical_batch(x, y, stats)
                                 self.optimizer.step()
+                                if self.engine.steps > before:
+                                    self._released()
                             except Exception:
                                 self.optimizer.abandon_step()   # the other ranks stop at this step too
                                 raise
