@@ -272,3 +272,13 @@ def test_a_resume_that_restores_the_noise_stream_twice_is_caught(data, tmp_path,
     r = _trainer_audit(data, tmp_path)
     assert r["score"]["repeated_noise_pairs"] >= 5
     assert r["epsilon_lower_bound"] > r["claimed_epsilon"], r["estimators"]
+
+
+def test_the_trainer_audit_runs_the_warm_up_stages_on_the_canaries_too(data, tmp_path):
+    r = _trainer_audit(data, tmp_path, **{"warmup.enabled": "true", "warmup.central.rounds": 1,
+                                          "warmup.central.downsample": 0.5, "warmup.train.central_steps": 4,
+                                          "warmup.train.batch_size": 8})
+    assert (tmp_path / "run" / "warmup" / "central_images.npz").exists()
+    # the central images' release is in the ledger: DP-SGD got less than the whole claim
+    assert r["accountant_epsilon_of_this_run"] <= r["claimed_epsilon"] + 1e-9
+    assert 0 <= r["epsilon_lower_bound"] < r["claimed_epsilon"] and r["interruption"]["resumed_to_step"] == 20

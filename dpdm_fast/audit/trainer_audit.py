@@ -42,8 +42,9 @@ TRAINER_SCOPE = {
 
 
 class CanaryTrainingSet(Dataset):
-    """The real examples followed by the included canaries, as ordinary (image, label) items; the trainer
-    tells the canaries' rows by their images (random +-1 patterns, kept in a lookup)."""
+    """The real examples (a Subset of an array-backed dataset such as MNIST) followed by the included canaries,
+    as ordinary (image, label) items; the trainer tells the canaries' rows by their images (random +-1
+    patterns, kept in a lookup)."""
 
     def __init__(self, real: Dataset, canary_images: torch.Tensor, canary_labels: torch.Tensor, included: torch.Tensor):
         self.real, self.images, self.labels = real, canary_images, canary_labels
@@ -58,6 +59,20 @@ class CanaryTrainingSet(Dataset):
             return self.real[index]
         j = self.ids[index - len(self.real)]
         return self.images[j], int(self.labels[j])
+
+    # the warm-up's stage 1 reads the whole set as arrays (uint8 images, labels), as it reads MNIST's
+    @property
+    def data(self) -> np.ndarray:
+        base, index = self.real.dataset, self.real.indices
+        real = np.asarray(base.data)[index]
+        canaries = ((self.images[self.ids] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        canaries = canaries.numpy()
+        return np.concatenate([real, canaries[..., 0] if real.ndim == 3 else canaries])
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.concatenate([np.asarray(self.real.dataset.targets)[self.real.indices],
+                               self.labels[self.ids].numpy()])
 
     def canary_ids(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) canary index of each row of a batch, -1 for real examples."""
