@@ -175,21 +175,26 @@ def test_a_mechanism_with_no_signal_gives_nothing():
 
 def test_white_box_scores_sum_the_releases_and_catch_repeated_noise():
     rng = np.random.default_rng(0)
-    m, steps, q = 400, 40, 0.2
+    m, steps, q, sd = 400, 40, 0.2, 3.0
     bits = rng.random(m) < 0.5
     sampled = (rng.random((steps, m)) < q) & bits
-    noise = rng.normal(0, 3.0, (steps, m))
-    released = sampled + noise
-    scores, how = white_box_scores(released)
+    noise = rng.normal(0, sd, (steps, m))
+    offset = rng.normal(0, 10.0, m)            # a large part shared by every release (a real-data gradient)
+    released = sampled + noise + offset
+    scores, how = white_box_scores(released, sd)
     assert how["repeated_noise_pairs"] == 0 and scores == pytest.approx(released.sum(axis=0))
-    assert repeated_pairs(released) == []
+    assert repeated_pairs(released, sd) == []
+    # exactly repeated releases count once
+    assert white_box_scores(np.concatenate([released, released[:5]]), sd)[1]["distinct_releases"] == steps
     # a broken resume re-uses the noise of steps 10..19 at steps 30..39 (fresh Poisson draws)
     broken = released.copy()
-    broken[30:40] = sampled[30:40] + noise[10:20]
-    pairs = repeated_pairs(broken)
+    broken[30:40] = sampled[30:40] + noise[10:20] + offset
+    pairs = repeated_pairs(broken, sd)
     assert set(pairs) == {(10 + i, 30 + i) for i in range(10)}
-    scores, how = white_box_scores(broken)
+    scores, how = white_box_scores(broken, sd)
     assert how["repeated_noise_pairs"] == 10
     # the differences hold no noise: every included canary sampled in one of a pair outscores every excluded one
-    assert scores[~bits].max() == 0 and (scores[bits] > 0).mean() > 0.8
-    assert estimate_all(scores, bits, 1e-5)["epsilon_lower_bound"] > 2.0
+    assert scores[~bits].max() == pytest.approx(0.0, abs=1e-9) and (scores[bits] > 0).mean() > 0.8
+    assert estimate_all(scores, bits, 1e-5)["rigorous_epsilon_lower_bound"] > 2.0
+    # without noise, or with too few canaries to tell, nothing is taken for repeated noise
+    assert repeated_pairs(broken, 0.0) == [] and repeated_pairs(broken[:, :20], sd) == []

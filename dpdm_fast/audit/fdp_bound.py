@@ -13,8 +13,10 @@ claim "f-DP" is refuted at significance alpha.
 
 Against the family of Gaussian curves G_mu this refutes every mu up to a largest one, the audit's lower
 bound on mu; the bound on eps is that mu's (eps, delta) (``gaussian_dp.epsilon_of``): the largest eps
-whose Gaussian mechanism, the tightest mechanism with that (eps, delta), is refuted. It holds for any
-scores (no assumption on their distribution), like the (eps, delta) bound.
+whose Gaussian mechanism is refuted. It needs no assumption on the scores, but what it refutes is
+mu-GDP, not (eps, delta)-DP: a mechanism can be (eps, delta)-DP without being as private as the Gaussian
+mechanism with that (eps, delta) (the (eps, delta) trade-off curve dips below the Gaussian one), so a
+bound from it above a claim is strong evidence about DP-SGD (whose curve is near-Gaussian), not a proof.
 """
 from __future__ import annotations
 

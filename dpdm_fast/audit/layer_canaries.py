@@ -49,6 +49,8 @@ class LayerCanaries:
                              f"support {', '.join(SUPPORTED)}")
         self.layer_name, self.m = layer_name, m
         self.params = [p for p in layer.parameters(recurse=False) if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"--canary-layer {layer_name!r} has no trainable parameters (e.g. GroupNorm(affine=False))")
         shape_in = _layer_input_shape(denoiser, layer, input_shape, labelled)
         g = torch.Generator().manual_seed(seed)
         dev = self.params[0].device

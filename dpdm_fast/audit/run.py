@@ -154,11 +154,14 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
                 y = y.to(dev) if labelled else None
                 canary_rows = {"gradient": model.set_canaries if mode == "gradient" else None,
                                "layer": layer.set_rows if layer is not None else None}.get(mode)
-                if canary_rows is not None:
+                holder = {"gradient": model, "layer": layer}.get(mode)
+                if holder is not None:
                     canary_rows(ids.repeat_interleave(K))
+                    holder.canary_term = None     # (a term left from the previous batch must never be used)
                 per_example = loss_fn(private, x, y, generator=loss_gen)
-                if canary_rows is not None:   # canaries: only their canary term; real examples: only their loss
-                    term = (model if mode == "gradient" else layer).canary_term
+                if holder is not None:   # canaries: only their canary term; real examples: only their loss
+                    term = holder.canary_term
+                    term = per_example.new_zeros(len(x) * K) if term is None else term
                     per_example = torch.where(ids >= 0, term.reshape(len(x), K).mean(dim=1), per_example)
                 (per_example.sum() if len(x) == 0 else per_example.mean()).backward()
                 optimizer.step()
@@ -177,7 +180,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
         scores = _loss_scores(private, cfg, images, labels, score_draws, seed, dev) - initial_scores
         statistic = {"statistic": "decrease of the denoising loss (initial minus final model)"}
     else:
-        scores, statistic = white_box_scores(np.stack(released))
+        scores, statistic = white_box_scores(np.stack(released), sigma * plan.max_grad_norm / plan.divisor)
     if not np.isfinite(scores).all():
         raise FloatingPointError("some canary scores are not finite (the training diverged?): no audit")
     with quiet_accountant():

@@ -29,13 +29,17 @@ from .scores import white_box_scores
 
 TRAINER_SCOPE = {
     "exercised": [
-        "the Trainer itself: its privacy plan and ledger, EMA, checkpoints, snapshot grids, and a forced "
-        "interruption (a stop after a checkpoint) followed by --resume in a new Trainer: noise or Poisson draws that "
-        "the resume repeats are in the released updates the auditor reads",
+        "the Trainer itself: its privacy plan and ledger, and a forced interruption (a stop after a checkpoint) "
+        "followed by --resume in a new Trainer (in the same process): noise that the resume repeats shows in the "
+        "released updates the auditor reads",
+        "EMA, checkpoints and snapshot grids run as in training (the scores read only the DP-SGD updates, so a bug in "
+        "them shows only through what those updates release)",
         "the warm-up stages when the config enables them (they run on the canaries too, and their eps is part of "
         "the claim; the scores read only the DP-SGD updates)",
         *SCOPE["layer"]["exercised"][:1], *COMMON_SCOPE],
     "not_exercised": ["the rules of the network's other layers (audit another layer with --canary-layer)",
+                      "repeated Poisson draws after a resume (the scores have no statistic for them)",
+                      "state that survives a resume only inside one process (the two Trainers share it)",
                       "the other backends than the one named", "multi-process (distributed) training",
                       "the warm-up's own releases as a channel for the scores (the central images are not scored)"],
 }
@@ -152,15 +156,17 @@ def audit_trainer(cfg: DictConfig, workdir: str | Path, *, canaries: int = 1000,
     common = dict(training_set=training_set, canaries=layer, released=released, device=device, progress=progress)
     budget = planned_steps(cfg)
     stop = max(1, min(budget - 1, round(budget * interrupt_at)))
-    first = AuditedTrainer(cfg, workdir, max_steps=stop, **common)
-    first.run()
-    result = AuditedTrainer(cfg, workdir, resume=True, **common).run()
-    layer.remove()
+    try:
+        first = AuditedTrainer(cfg, workdir, max_steps=stop, **common)
+        first.run()
+        result = AuditedTrainer(cfg, workdir, resume=True, **common).run()
+    finally:
+        layer.remove()
 
-    scores, statistic = white_box_scores(np.stack(released))
+    plan = first.plan
+    scores, statistic = white_box_scores(np.stack(released), plan.noise_multiplier * plan.max_grad_norm / plan.divisor)
     if not np.isfinite(scores).all():
         raise FloatingPointError("some canary scores are not finite (the training diverged?): no audit")
-    plan = first.plan
     report = assemble(scores, included.numpy(), cfg, confidence, mode="trainer", sigma=plan.noise_multiplier,
                       plan=plan, spent=result.epsilon, steps=result.step, backend=first.private.backend,
                       device=first.device, real_examples=real_examples, statistic=statistic, canary_layer=layer_name,

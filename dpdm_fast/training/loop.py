@@ -506,11 +506,11 @@ class Trainer:
                             try:
                                 self._physical_batch(x, y, stats)
                                 self.optimizer.step()
-                                if self.engine.steps > before:
-                                    self._released()
                             except Exception:
                                 self.optimizer.abandon_step()   # the other ranks stop at this step too
                                 raise
+                            if self.engine.steps > before:
+                                self._released()
                             self.optimizer.zero_grad(set_to_none=True)
                             if self.engine.steps == before:
                                 continue       # a physical batch inside a logical one: noise comes at its end
