@@ -79,3 +79,12 @@ def random_images(m: int, shape: tuple, n_classes: int | None, seed: int) -> tup
     images = torch.randint(0, 2, (m, *shape), generator=g).float() * 2 - 1
     labels = torch.randint(0, n_classes or 1, (m,), generator=g)
     return images, labels
+
+
+def with_canary_terms(losses: torch.Tensor, holder, ids: torch.Tensor, K: int) -> torch.Tensor:
+    """Per-example losses with each canary's replaced by its canary term (the mean over its K rows): canaries
+    train only through their term, real examples only through their loss. ``holder`` (a CanaryDenoiser or
+    LayerCanaries) left ``canary_term`` in the forward; None (the layer did not run) counts as 0."""
+    term = holder.canary_term
+    term = losses.new_zeros(len(ids) * K) if term is None else term
+    return torch.where(ids >= 0, term.reshape(len(ids), K).mean(dim=1), losses)

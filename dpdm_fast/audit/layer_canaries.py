@@ -34,7 +34,7 @@ def default_layer(network: nn.Module) -> str:
 
 class LayerCanaries:
     """m canaries living in the layer ``layer_name`` of ``denoiser.model`` (before make_private: the directions
-    are computed on it). ``set_rows(ids)`` before each forward gives the rows' canary indices (-1: a real
+    are computed on it). ``set_canaries(ids)`` before each forward gives the rows' canary indices (-1: a real
     example, None: no canaries in this forward); the forward then leaves ``canary_term`` (0 for real rows)."""
 
     def __init__(self, denoiser: nn.Module, layer_name: str, m: int, max_grad_norm: float, input_shape: tuple,
@@ -84,7 +84,7 @@ class LayerCanaries:
             rows.append(torch.cat([gr.reshape(-1) for gr in grads]))
         return torch.stack(rows).detach()
 
-    def set_rows(self, row_ids: torch.Tensor | None) -> None:
+    def set_canaries(self, row_ids: torch.Tensor | None) -> None:
         self._row_ids = row_ids
 
     def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:

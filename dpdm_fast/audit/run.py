@@ -25,7 +25,7 @@ from ..engine.sampling.poisson import PoissonDataLoader
 from ..generate import build_model
 from ..training.loop import _optimizer, resolve_device
 from ..training.privacy_plan import plan_privacy, quiet_accountant
-from .canaries import AuditDataset, CanaryDenoiser, random_images
+from .canaries import AuditDataset, CanaryDenoiser, random_images, with_canary_terms
 from .estimators import estimate_all
 from .gaussian_dp import dp_sgd_mu
 from .layer_canaries import LayerCanaries, default_layer
@@ -35,9 +35,9 @@ MODES = ("gradient", "layer", "input")
 
 # What each mode's run puts to the test, and what it leaves out (report.json's "scope"; said in report.md).
 COMMON_SCOPE = ["Poisson sampling at the plan's rate (PoissonDataLoader, with empty batches)",
-           "the per-example clip over all parameters, the clipped sum and the Gaussian noise of the named backend",
-           "the update's divisor from the public expected batch size", "BatchMemoryManager's physical batches",
-           "the accountant's sigma calibration (the claim)"]
+                "the per-example clip over all parameters, the clipped sum and the Gaussian noise of the named backend",
+                "the update's divisor from the public expected batch size", "BatchMemoryManager's physical batches",
+                "the accountant's sigma calibration (the claim)"]
 _NEVER = ["the Trainer: EMA, checkpoints, resume (`dpdm-fast audit --trainer` audits those)",
           "the other backends than the one named", "multi-process (distributed) training"]
 SCOPE = {
@@ -122,6 +122,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
         layer = LayerCanaries(denoiser, canary_layer, canaries, plan.max_grad_norm, shape,
                               bool(cfg.data.n_classes), seed + 6)
     model = (CanaryDenoiser(denoiser, canaries, plan.max_grad_norm) if mode == "gradient" else denoiser).to(dev)
+    holder = model if mode == "gradient" else layer     # what the canaries' rows are told to (None: input mode)
     optimizer = _optimizer(cfg, model.parameters())
     loader = PoissonDataLoader(dataset, sample_rate=plan.sample_rate, steps=plan.steps_per_epoch,
                                generator=None if dp.secure_mode else torch.Generator().manual_seed(seed + 2),
@@ -152,17 +153,12 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
                 before = engine.steps
                 x, ids = x.to(dev), ids.to(dev)
                 y = y.to(dev) if labelled else None
-                canary_rows = {"gradient": model.set_canaries if mode == "gradient" else None,
-                               "layer": layer.set_rows if layer is not None else None}.get(mode)
-                holder = {"gradient": model, "layer": layer}.get(mode)
                 if holder is not None:
-                    canary_rows(ids.repeat_interleave(K))
+                    holder.set_canaries(ids.repeat_interleave(K))
                     holder.canary_term = None     # (a term left from the previous batch must never be used)
                 per_example = loss_fn(private, x, y, generator=loss_gen)
-                if holder is not None:   # canaries: only their canary term; real examples: only their loss
-                    term = holder.canary_term
-                    term = per_example.new_zeros(len(x) * K) if term is None else term
-                    per_example = torch.where(ids >= 0, term.reshape(len(x), K).mean(dim=1), per_example)
+                if holder is not None:
+                    per_example = with_canary_terms(per_example, holder, ids, K)
                 (per_example.sum() if len(x) == 0 else per_example.mean()).backward()
                 optimizer.step()
                 if engine.steps > before and mode != "input":
@@ -174,7 +170,7 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
                         break
     bar.close()
     if layer is not None:
-        layer.set_rows(None)
+        layer.set_canaries(None)
 
     if mode == "input":
         scores = _loss_scores(private, cfg, images, labels, score_draws, seed, dev) - initial_scores

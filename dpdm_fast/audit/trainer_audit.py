@@ -23,6 +23,7 @@ from ..generate import build_model
 from ..training.loop import Trainer
 from ..training.privacy_plan import plan_privacy
 from ..training.warm_start import planned_releases
+from .canaries import with_canary_terms
 from .layer_canaries import LayerCanaries, default_layer
 from .run import COMMON_SCOPE, SCOPE, assemble, audit_population, check_arguments
 from .scores import white_box_scores
@@ -102,16 +103,13 @@ class AuditedTrainer(Trainer):
         ids = self._training_set.canary_ids(x).to(self.device)
         x = x.to(self.device)
         y = y.to(self.device) if self.labelled else None
-        self._canaries.set_rows(ids.repeat_interleave(K))
+        self._canaries.set_canaries(ids.repeat_interleave(K))
         self._canaries.canary_term = None
         try:
-            losses = self.loss_fn(self.private, x, y, generator=self.loss_gen)
-            term = self._canaries.canary_term
-            term = losses.new_zeros(len(x) * K) if term is None else term
-            losses = torch.where(ids >= 0, term.reshape(len(x), K).mean(dim=1), losses)
+            losses = with_canary_terms(self.loss_fn(self.private, x, y, generator=self.loss_gen), self._canaries, ids, K)
             (losses.sum() if len(x) == 0 else losses.mean()).backward()
         finally:
-            self._canaries.set_rows(None)
+            self._canaries.set_canaries(None)
         if len(x):
             norms = self.private.collector.last_norms
             stats.add_batch(float(losses.detach().sum()), len(x), float(norms.sum()),
