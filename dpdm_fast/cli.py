@@ -261,11 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("config", nargs="?", default=None,
                     help=f"training config to audit (default {DEFAULT_AUDIT_CONFIG}: 1-2 minutes on 2 CPU cores)")
     au.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    au.add_argument("--canaries", type=int, default=1000, help="m canaries, each included with probability 1/2")
-    au.add_argument("--mode", choices=("gradient", "layer", "input"), default="gradient",
+    au.add_argument("--canaries", type=int, default=None,
+                    help="m canaries, each included with probability 1/2 (default 1000; --mode blackbox: one per "
+                         "class in each of --runs runs)")
+    au.add_argument("--mode", choices=("gradient", "layer", "input", "blackbox"), default="gradient",
                     help="gradient: white-box canaries with a fixed gradient direction on an extra parameter vector "
                          "(the strongest audit); layer: white-box canaries whose gradient lies in one of the "
-                         "network's own layers (--canary-layer); input: black-box image canaries scored by their loss")
+                         "network's own layers (--canary-layer); input: black-box image canaries scored by their "
+                         "loss; blackbox: final model only, from a worst-case start, canaries spread over "
+                         "--runs runs (default config " + DEFAULT_BLACKBOX_CONFIG + ")")
+    au.add_argument("--runs", type=int, default=100,
+                    help="--mode blackbox: independent training runs of 10 canaries each (~10 s each on 2 CPU cores)")
+    au.add_argument("--init-steps", type=int, default=300,
+                    help="--mode blackbox: start every run from the network trained this many non-private steps on "
+                         "2,000 held-out real images (the worst case of Annamalai and De Cristofaro); 0: the "
+                         "config's random start")
     au.add_argument("--canary-layer", default=None,
                     help="--mode layer: the network layer (a name from network.named_modules(), e.g. "
                          "all_modules.6.Conv_1; default: the largest Conv2d)")
@@ -277,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the engine backend to audit (default: the config's dp.backend); the report names it")
     au.add_argument("--noise-multiplier", type=float, default=None,
                     help="override the calibrated noise (0: no noise, to check that the audit detects the leak)")
-    au.add_argument("--real-examples", type=int, default=1000, help="how many real training examples to train on")
+    au.add_argument("--real-examples", type=int, default=None,
+                    help="how many real training examples to train on (default 1000; --mode blackbox: 100 per run)")
     au.add_argument("--confidence", type=float, default=0.95)
     au.add_argument("--seed", type=int, default=0)
     au.add_argument("--device", default=None)
@@ -288,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_AUDIT_CONFIG = "configs/audit/mnist_quick.yaml"
+DEFAULT_BLACKBOX_CONFIG = "configs/audit/mnist_blackbox.yaml"
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -302,9 +314,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if config is None or "=" in config:   # no CONFIG: the packaged default setting (overrides still apply)
         if config is not None:
             args.overrides = [config, *args.overrides]
-        config = Path(__file__).resolve().parents[1] / DEFAULT_AUDIT_CONFIG
+        default = DEFAULT_BLACKBOX_CONFIG if args.mode == "blackbox" else DEFAULT_AUDIT_CONFIG
+        config = Path(__file__).resolve().parents[1] / default
         if not config.exists():
-            raise FileNotFoundError(f"the default audit config {DEFAULT_AUDIT_CONFIG} is missing: give a CONFIG")
+            raise FileNotFoundError(f"the default audit config {default} is missing: give a CONFIG")
     overrides = list(args.overrides) + ([f"dp.backend={args.backend}"] if args.backend else [])
     cfg = load_config(config, overrides)
     if args.trainer:
@@ -312,12 +325,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
         if args.mode != "gradient" or args.noise_multiplier is not None:
             raise ValueError("--trainer audits the Trainer as configured, with layer canaries: drop --mode and "
                              "--noise-multiplier (change the config's dp.* instead)")
-        result = audit_trainer(cfg, Path(args.out) / "run", canaries=args.canaries, real_examples=args.real_examples,
+        result = audit_trainer(cfg, Path(args.out) / "run", canaries=args.canaries or 1000,
+                               real_examples=args.real_examples or 1000,
                                confidence=args.confidence, seed=args.seed, canary_layer=args.canary_layer,
                                device=args.device, progress=not args.no_progress)
+    elif args.mode == "blackbox":
+        from .audit.blackbox import blackbox_audit
+        if args.canaries is not None:
+            raise ValueError("--mode blackbox puts one canary per class in each run: set how many with --runs")
+        result = blackbox_audit(cfg, runs=args.runs, real_examples=args.real_examples or 100,
+                                init_steps=args.init_steps,
+                                noise_multiplier=args.noise_multiplier, confidence=args.confidence, seed=args.seed,
+                                device=args.device, progress=not args.no_progress)
     else:
-        result = audit(cfg, canaries=args.canaries, mode=args.mode, noise_multiplier=args.noise_multiplier,
-                       real_examples=args.real_examples, confidence=args.confidence, seed=args.seed,
+        result = audit(cfg, canaries=args.canaries or 1000, mode=args.mode, noise_multiplier=args.noise_multiplier,
+                       real_examples=args.real_examples or 1000, confidence=args.confidence, seed=args.seed,
                        canary_layer=args.canary_layer, device=args.device, progress=not args.no_progress)
     paths = write_report(result, args.out)
     print(verdict(result))

@@ -114,9 +114,11 @@ def test_with_dp_on_the_lower_bound_stays_below_the_claim(dp_run):
     assert sum(r["included_mask"]) == r["included"] and len(r["scores"]) == 300
 
 
-def test_with_the_noise_off_the_audit_detects_the_leak(data):
+def test_with_the_noise_off_the_audit_detects_the_leak(data, tmp_path):
+    from dpdm_fast.audit.report import write_report
     r = _audit(data, noise_multiplier=0.0)
-    assert r["accountant_epsilon_of_this_run"] is None
+    assert r["accountant_epsilon_of_this_run"] is None and r["accountant_mu_clt"] is None
+    assert json.loads(write_report(r, tmp_path)["json"].read_text())["noise_multiplier"] == 0.0   # json has no inf
     assert r["epsilon_lower_bound"] > 2.0                # above the claim of the noised run
     steinke = r["estimators"]["eps_delta_one_run"]
     assert steinke["epsilon"] > 0.8 * r["ceiling"]       # every guess right: the (eps, delta) bound at its ceiling

@@ -37,8 +37,9 @@ def verdict(result: dict) -> str:
 def markdown(result: dict) -> str:
     r, g = result, result["guesses"]
     spent = r["accountant_epsilon_of_this_run"]
+    mu = "inf (no noise)" if r["accountant_mu_clt"] is None else f"{r['accountant_mu_clt']:.4f}"
     lines = [
-        f"# Privacy audit ({r['mode']} canaries, one run)",
+        f"# Privacy audit ({r['mode']} canaries, {r.get('runs', 1)} run{'s' if r.get('runs', 1) > 1 else ''})",
         "",
         f"**{verdict(r)}**",
         "",
@@ -48,7 +49,7 @@ def markdown(result: dict) -> str:
         f"| accountant eps of this run | {'inf (no noise)' if spent is None else f'{spent:.4f}'} |",
         f"| eps lower bound ({100 * r['confidence']:.0f}% confidence, the best estimator) | "
         f"{r['epsilon_lower_bound']:.4f} ({r['best_estimator']}) |",
-        f"| central-limit mu of this run's DP-SGD (for reading the GDP bounds) | {r['accountant_mu_clt']:.4f} |",
+        f"| central-limit mu of this run's DP-SGD (for reading the GDP bounds) | {mu} |",
         f"| score | {r['score']['statistic']} |",
         f"| canaries (included) | {r['canaries']} ({r['included']}) |",
         f"| real examples | {r['real_examples']} |",

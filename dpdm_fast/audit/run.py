@@ -98,12 +98,27 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
           canary_layer: str | None = None, device: str | None = None, progress: bool = True) -> dict:
     """Train once with ``canaries`` canaries (each included with probability 1/2) and return the
     audit: the claimed epsilon, each estimator's lower bound at ``confidence``, and the scores."""
+    check_arguments(mode, canaries, noise_multiplier, confidence)
+    start = time.perf_counter()
+    run = canary_run(cfg, canaries=canaries, mode=mode, noise_multiplier=noise_multiplier,
+                     real_examples=real_examples, score_draws=score_draws, seed=seed, canary_layer=canary_layer,
+                     device=device, progress=progress)
+    return assemble(run.pop("scores"), run.pop("included"), cfg, confidence, mode=mode, real_examples=real_examples,
+                    seed=seed, wall_s=time.perf_counter() - start, scope=SCOPE[mode], **run)
+
+
+def canary_run(cfg: DictConfig, *, canaries: int, mode: str, noise_multiplier: float | None, real_examples: int,
+               score_draws: int, seed: int, canary_layer: str | None = None, device: str | None = None,
+               progress: bool = True, initial_state: dict | None = None, distinct_labels: bool = False) -> dict:
+    """One training run with ``canaries`` canaries: their scores and inclusion bits, and the run's settings
+    (``assemble``'s keyword arguments). ``initial_state``: the network's starting weights (the auditor's choice;
+    default: the config's random initialisation); ``distinct_labels``: canary j gets label j mod n_classes."""
     from ..engine.api.privacy_engine import PrivacyEngine
 
-    check_arguments(mode, canaries, noise_multiplier, confidence)
     dev = resolve_device(device)
-    start = time.perf_counter()
     real, included, images, labels = audit_population(cfg, real_examples, canaries, seed)
+    if distinct_labels and cfg.data.n_classes:
+        labels = torch.arange(canaries) % cfg.data.n_classes
     shape = tuple(images.shape[1:])
     dataset = AuditDataset(real, images, labels, included)
 
@@ -115,7 +130,10 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
     sigma = plan.noise_multiplier if noise_multiplier is None else float(noise_multiplier)
 
     torch.manual_seed(seed)
-    denoiser = build_model(cfg).to(dev)
+    denoiser = build_model(cfg)
+    if initial_state is not None:
+        denoiser.load_state_dict(initial_state)
+    denoiser = denoiser.to(dev)
     layer = None
     if mode == "layer":
         canary_layer = canary_layer or default_layer(denoiser.model)
@@ -181,10 +199,9 @@ def audit(cfg: DictConfig, *, canaries: int = 1000, mode: str = "gradient", nois
         raise FloatingPointError("some canary scores are not finite (the training diverged?): no audit")
     with quiet_accountant():
         spent = engine.get_epsilon(dp.delta) if sigma > 0 else math.inf
-    return assemble(scores, included, cfg, confidence, mode=mode, sigma=sigma, plan=plan, spent=spent,
-                    steps=engine.steps, backend=private.backend, device=dev, real_examples=real_examples,
-                    statistic=statistic, canary_layer=None if layer is None else layer.layer_name, seed=seed,
-                    wall_s=time.perf_counter() - start, scope=SCOPE[mode])
+    return {"scores": scores, "included": included, "sigma": sigma, "plan": plan, "spent": spent,
+            "steps": engine.steps, "backend": private.backend, "device": dev, "statistic": statistic,
+            "canary_layer": None if layer is None else layer.layer_name}
 
 
 def assemble(scores, included, cfg, confidence, *, mode, sigma, plan, spent, steps, backend, device, real_examples,
@@ -204,7 +221,8 @@ def assemble(scores, included, cfg, confidence, *, mode, sigma, plan, spent, ste
         "candidates": steinke["candidates"], "significance_per_candidate": steinke["significance_per_candidate"],
         "noise_multiplier": sigma, "calibrated_noise_multiplier": plan.noise_multiplier,
         "accountant_epsilon_of_this_run": None if math.isinf(spent) else spent,
-        "accountant_mu_clt": dp_sgd_mu(plan.sample_rate, sigma, steps),
+        # None without noise: no mu at all (json has no infinity)
+        "accountant_mu_clt": dp_sgd_mu(plan.sample_rate, sigma, steps) if sigma > 0 else None,
         "sample_rate": plan.sample_rate, "steps": steps, "noise_multiplicity": cfg.loss.n_noise_samples,
         "max_grad_norm": plan.max_grad_norm, "backend": backend, "device": str(device),
         "canary_layer": canary_layer, "score": statistic,
