@@ -27,7 +27,9 @@ setup(
         "kornia>=0.7",    # the warm-up's augmentation (RandAugment) and post-processing filters
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # the CUDA 12 compiler pieces (NVRTC, ptxas 12.9, headers): the sm_70 build check without nvcc
+        "dev": ["pytest", "pytest-benchmark", "hypothesis",
+                *(f"nvidia-cuda-{p}-cu12; sys_platform == 'linux'" for p in ("nvrtc", "runtime", "cccl", "nvcc"))],
         # optional: tests/test_audit.py then also checks the audit's bound against jax_privacy's
         "audit-check": ["jax-privacy"],
     },

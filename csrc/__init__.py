@@ -28,6 +28,29 @@ def unavailable_reason() -> str | None:
         return "no CUDA toolkit (nvcc) found: install one matching torch.version.cuda or set CUDA_HOME"
     if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
         return "ninja is not installed: pip install ninja"
+    nvcc = shutil.which("nvcc", path=str(Path(cpp_extension.CUDA_HOME) / "bin"))
+    return arch_reason(torch.cuda.get_device_capability(), nvcc_release(nvcc))
+
+
+def nvcc_release(nvcc: str) -> tuple[int, int] | None:
+    """(major, minor) of ``nvcc --version``'s release, or None if it cannot be read."""
+    import re
+    import subprocess
+    try:
+        text = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except OSError:
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", text)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def arch_reason(capability: tuple[int, int], release: tuple[int, int] | None) -> str | None:
+    """Why nvcc ``release`` cannot build for a GPU of ``capability``, or None: CUDA 13 dropped sm_70 (V100)."""
+    if release is not None and release[0] >= 13 and capability < (7, 5):
+        return (f"nvcc {release[0]}.{release[1]} cannot target sm_{capability[0]}{capability[1]} (CUDA 13 dropped "
+                "sm_70): point CUDA_HOME at a CUDA 12 toolkit with a CUDA 12 build of torch, or use "
+                "backend='triton' (its kernels compile for sm_70); `python -m dpdm_fast.csrc.nvrtc_build --arch 70` "
+                "checks these kernels for sm_70 with CUDA 12's NVRTC and ptxas")
     return None
 
 

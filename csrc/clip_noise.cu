@@ -84,6 +84,7 @@ clip_reduce_kernel(const float* __restrict__ buffer, const float* __restrict__ n
 
 }  // namespace
 
+#ifndef __CUDACC_RTC__
 cudaError_t clip_reduce(const float* buffer, const float* norms, const int32_t* written, const int64_t* tiles,
                         int64_t n_tiles, const float* total, float* out, int64_t B, int64_t P, float max_norm,
                         float scale, float std, float divisor, uint64_t seed, int draws, int final_pass,
@@ -97,5 +98,6 @@ cudaError_t clip_reduce(const float* buffer, const float* norms, const int32_t* 
 }
 
 int clip_reduce_tile() { return TILE; }
+#endif  // __CUDACC_RTC__
 
 }  // namespace dpdm

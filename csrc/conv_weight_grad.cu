@@ -94,6 +94,17 @@ conv_weight_grad_kernel(const T* __restrict__ x, Strides4 xs, const T* __restric
   }
 }
 
+#ifdef __CUDACC_RTC__
+// NVRTC compiles no host launcher: instantiate the kernels the launchers below use.
+#define DPDM_CONV_KERNEL(T)                                                                                      \
+  template __global__ void conv_weight_grad_kernel<T>(const T*, Strides4, const T*, Strides4, float*, float*,   \
+                                                      int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,     \
+                                                      int64_t, int64_t, int64_t, int, int, int, int, int, int);
+DPDM_CONV_KERNEL(float)
+DPDM_CONV_KERNEL(__nv_bfloat16)
+DPDM_CONV_KERNEL(__half)
+#undef DPDM_CONV_KERNEL
+#else
 template <typename T>
 cudaError_t launch(const void* x, Strides4 xs, const void* g, Strides4 gs, float* out, float* sqnorm, int64_t B,
                    int64_t K, int64_t C, int64_t H, int64_t W, int64_t O, int64_t HO, int64_t WO, int KH, int KW,
@@ -105,9 +116,11 @@ cudaError_t launch(const void* x, Strides4 xs, const void* g, Strides4 gs, float
                                                            SH, SW, PH, PW);
   return cudaGetLastError();
 }
+#endif  // __CUDACC_RTC__
 
 }  // namespace
 
+#ifndef __CUDACC_RTC__
 cudaError_t conv2d_weight_grad(const void* x, Strides4 xs, const void* g, Strides4 gs, DType dtype, float* out,
                                float* sqnorm, int64_t B, int64_t K, int64_t C, int64_t H, int64_t W, int64_t O,
                                int64_t HO, int64_t WO, int KH, int KW, int SH, int SW, int PH, int PW,
@@ -123,5 +136,6 @@ cudaError_t conv2d_weight_grad(const void* x, Strides4 xs, const void* g, Stride
   }
   return cudaErrorInvalidValue;
 }
+#endif  // __CUDACC_RTC__
 
 }  // namespace dpdm

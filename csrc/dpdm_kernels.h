@@ -3,8 +3,17 @@
 // (binding.cpp) stays apart. Each kernel is the twin of a Triton kernel in kernels/.
 #pragma once
 
+#ifdef __CUDACC_RTC__
+// NVRTC (csrc/nvrtc_build.py: sm_70 and any other arch without nvcc) sees the device code only.
+#include <cuda/std/cstdint>
+using cuda::std::int32_t;
+using cuda::std::int64_t;
+using cuda::std::uint32_t;
+using cuda::std::uint64_t;
+#else
 #include <cstdint>
 #include <cuda_runtime.h>
+#endif
 
 namespace dpdm {
 
@@ -14,6 +23,7 @@ struct Strides4 {
   int64_t n, c, h, w;
 };
 
+#ifndef __CUDACC_RTC__
 // Per-group Conv2d weight gradient (groups=1, dilation=1) as an implicit GEMM over the K*Ho*Wo output
 // positions of each group: out[b] (O x C*KH*KW, fp32, contiguous) and sqnorm[b] += ||out[b]||^2.
 cudaError_t conv2d_weight_grad(const void* x, Strides4 xs, const void* g, Strides4 gs, DType dtype, float* out,
@@ -32,5 +42,6 @@ cudaError_t clip_reduce(const float* buffer, const float* norms, const int32_t* 
 
 // Columns per tile that clip_reduce expects in its tile table.
 int clip_reduce_tile();
+#endif  // __CUDACC_RTC__
 
 }  // namespace dpdm

@@ -1,10 +1,12 @@
 """The CUDA C++ kernels (csrc/): every .cu file compiles with nvcc for sm_75 and sm_90 (on any machine
-with nvcc, GPU or not), the torch binding passes a compiler's syntax check, and, where a CUDA build of
+with nvcc, GPU or not) and, through NVRTC 12 and ptxas 12.9 from the CUDA 12 wheels (the dev extras), for
+sm_70 (V100, which CUDA 13's nvcc cannot target), sm_75, sm_80 and sm_90; the torch binding passes a compiler's syntax check, and, where a CUDA build of
 torch and a GPU exist, the built extension matches the torch backend."""
 import math
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -30,12 +32,37 @@ def cuda_include() -> Path | None:
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
-def test_cuda_kernel_compiles_for_sm75_and_sm90(source, tmp_path):
+def test_cuda_kernel_compiles_with_nvcc_for_sm75_sm80_and_sm90(source, tmp_path):
     cmd = [NVCC, "-c", "-std=c++17", "-Werror", "all-warnings", "-gencode", "arch=compute_75,code=sm_75",
-           "-gencode", "arch=compute_90,code=sm_90", str(CSRC / source), "-o", str(tmp_path / "k.o")]
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90", str(CSRC / source),
+           "-o", str(tmp_path / "k.o")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "k.o").stat().st_size > 0
+
+
+EXPECTED_KERNELS = {"clip_noise.cu": 1, "conv_weight_grad.cu": 3}   # conv: its fp32, bf16 and fp16 instances
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CUDA 12 wheels are Linux-only")
+@pytest.mark.parametrize("arch", [70, 75, 80, 90])
+@pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
+def test_cuda_kernel_compiles_through_nvrtc_for_every_arch(source, arch, tmp_path):
+    import struct
+
+    from dpdm_fast.csrc import nvrtc_build
+    ptx = nvrtc_build.compile_ptx(CSRC / source, arch)      # ToolchainMissing: pip install -e ".[dev]"
+    assert f".target sm_{arch}" in ptx
+    assert len(nvrtc_build.kernel_entries(ptx)) == EXPECTED_KERNELS[source]
+    cubin = nvrtc_build.assemble(ptx, arch, tmp_path / "k.cubin").read_bytes()
+    assert cubin[:4] == b"\x7fELF" and struct.unpack_from("<I", cubin, 0x30)[0] & 0xFF == arch   # e_flags: the SM
+
+
+def test_a_v100_with_cuda_13_nvcc_gets_a_reason_not_a_broken_build():
+    from dpdm_fast import csrc
+    assert "sm_70" in csrc.arch_reason((7, 0), (13, 0)) and "CUDA 12" in csrc.arch_reason((7, 0), (13, 0))
+    assert csrc.arch_reason((7, 0), (12, 9)) is None and csrc.arch_reason((7, 5), (13, 0)) is None
+    assert csrc.arch_reason((9, 0), None) is None
 
 
 @pytest.mark.skipif(cuda_include() is None or shutil.which("g++") is None,

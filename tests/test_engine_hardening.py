@@ -841,3 +841,26 @@ def test_a_failed_final_pass_discards_the_step_and_a_failed_fold_keeps_the_examp
         opt.step()
     backend.reduce = real
     assert pm.collector.num_examples == 0 and not pm.collector.holds_examples   # discarded, not half-applied
+
+
+def test_fp16_loss_scaling_is_refused_with_a_reason_and_nothing_is_released():
+    """A GradScaler would leave the loss scale in the per-example gradients (clipping at C / scale) and skip
+    steps on the private data's overflows: refused until the engine unscales them (issue 25)."""
+    from dpdm_fast.engine import PrivacyEngine
+    torch.manual_seed(0)
+    engine, net = PrivacyEngine(), nn.Linear(4, 3)
+    model, opt, loader = engine.make_private(
+        module=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        data_loader=DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 3)), batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    x, y = next(iter(loader))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(((model(x) - y) ** 2).mean()).backward()
+    with pytest.raises(RuntimeError, match="loss scaling"):
+        scaler.step(opt)
+    assert engine.steps == 0
+    opt.zero_grad()
+    off = torch.amp.GradScaler("cpu", enabled=False)       # a disabled scaler is plain fp32 training
+    off.scale(((model(x) - y) ** 2).mean()).backward()
+    off.step(opt)
+    assert engine.steps == 1

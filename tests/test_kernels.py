@@ -264,16 +264,27 @@ def test_kernels_refuse_bad_outputs():
         group_sum(torch.ones(2, 2, 2, dtype=torch.int64, device=DEVICE), 1)
 
 
-def test_every_kernel_compiles_to_a_cubin_for_sm80_and_sm90():
+def test_every_kernel_compiles_to_a_cubin_for_sm70_to_sm90():
     """The interpreter runs the kernels' Python, not their compilation: compile each one ahead of
     time (TTIR -> PTX -> cubin with Triton's ptxas; no GPU needed) with the launchers' argument
-    types and constants, so a kernel that would not compile for a GPU fails here."""
+    types and constants, so a kernel that would not compile for a GPU fails here. sm_70 (V100) and
+    sm_75 (T4) too: backend='auto' picks Triton on them (engine.clipping.backends.auto_choice)."""
     import os
     import subprocess
     import sys
     from conftest import ROOT
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    out = subprocess.run([sys.executable, "-m", "dpdm_fast.kernels.compile_check", "--arch", "80,90"], env=env,
+    out = subprocess.run([sys.executable, "-m", "dpdm_fast.kernels.compile_check", "--arch", "70,75,80,90"], env=env,
                          capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "50/50 kernel variants compiled" in out.stdout
+    assert "100/100 kernel variants compiled" in out.stdout
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "triton"), ((7, 5), "triton"), ((9, 0), "triton"),
+                                                  ((6, 1), "torch")])
+def test_auto_picks_triton_on_every_gpu_the_kernels_compile_for(capability, expected, monkeypatch):
+    from dpdm_fast.engine.clipping import backends
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    name, reason = backends.auto_choice(torch.device("cuda"))
+    assert name == expected and (reason is None) == (expected == "triton")
+    assert backends.auto_choice(torch.device("cpu")) == ("torch", None)

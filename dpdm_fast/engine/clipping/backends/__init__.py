@@ -46,16 +46,29 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu"):
     """The backend by name for a model on ``device``; ``"auto"`` = Triton on a GPU, torch on the CPU."""
     device = torch.device(device)
     if name == "auto":
-        if device.type != "cuda":
-            return TorchBackend()
-        if importlib.util.find_spec("triton") is None:
-            warnings.warn("backend='auto' on a GPU without Triton installed: using the torch backend "
-                          "(pip install triton for the fused kernels)", stacklevel=3)
-            return TorchBackend()
-        name = "triton"
+        name, reason = auto_choice(device)
+        if reason is not None:
+            warnings.warn(f"backend='auto': {reason}", stacklevel=3)
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; available: {['auto', *_FACTORIES]}")
     return _FACTORIES[name](device)
+
+
+MIN_TRITON_CAPABILITY = (7, 0)   # every Triton kernel compiles for sm_70, sm_75, sm_80 and sm_90 (tests/test_kernels.py)
+
+
+def auto_choice(device: torch.device) -> tuple[str, str | None]:
+    """The backend ``"auto"`` picks for ``device`` and, when it is not the fused kernels on a GPU, why: Triton on
+    every CUDA GPU it compiles for (sm_70 / V100 and newer), the torch backend elsewhere."""
+    if device.type != "cuda":
+        return "torch", None
+    if importlib.util.find_spec("triton") is None:
+        return "torch", "Triton is not installed: using the torch backend (pip install triton for the fused kernels)"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_TRITON_CAPABILITY:
+        return "torch", (f"the GPU is sm_{capability[0]}{capability[1]}, older than the sm_70 the Triton kernels "
+                         "compile for: using the torch backend")
+    return "triton", None
 
 
 def _triton_backend(device: torch.device):
