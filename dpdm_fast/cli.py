@@ -73,8 +73,9 @@ def _train_argv_for_ranks(args: argparse.Namespace) -> list[str]:
     for flag, value in (("--workdir", args.workdir), ("--max-steps", args.max_steps), ("--device", args.device)):
         if value is not None:
             argv += [flag, str(value)]
-    argv += [flag for flag, on in (("--resume", args.resume), ("--amp", args.amp),
-                                   ("--no-progress", args.no_progress)) if on]
+    if args.amp is not None:
+        argv += ["--amp", args.amp]
+    argv += [flag for flag, on in (("--resume", args.resume), ("--no-progress", args.no_progress)) if on]
     return argv
 
 
@@ -179,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in the workdir")
     tr.add_argument("--max-steps", type=int, default=None,
                     help="stop with a checkpoint after this step of the full schedule (resume later with --resume)")
-    tr.add_argument("--amp", action="store_true", help="bf16 autocast for the forward pass")
+    tr.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                    help="autocast for the forward pass: bf16 (the default of --amp alone) or fp16 with a fixed loss "
+                         "scale (GPUs without bf16, e.g. V100 and T4); the clipping is of the unscaled gradients")
     tr.add_argument("--device", default=None, help="cuda when present, else cpu")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     dist = tr.add_argument_group("several processes (started through torchrun; or run under torchrun directly)")

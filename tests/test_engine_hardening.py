@@ -843,9 +843,9 @@ def test_a_failed_final_pass_discards_the_step_and_a_failed_fold_keeps_the_examp
     assert pm.collector.num_examples == 0 and not pm.collector.holds_examples   # discarded, not half-applied
 
 
-def test_fp16_loss_scaling_is_refused_with_a_reason_and_nothing_is_released():
-    """A GradScaler would leave the loss scale in the per-example gradients (clipping at C / scale) and skip
-    steps on the private data's overflows: refused until the engine unscales them (issue 25)."""
+def test_an_unattached_grad_scaler_is_refused_with_a_reason_and_nothing_is_released():
+    """A GradScaler the engine does not know of leaves the loss scale in the per-example gradients (they would
+    be clipped at C / scale): its step is refused (tests/test_engine_fp16.py covers the attached one)."""
     from dpdm_fast.engine import PrivacyEngine
     torch.manual_seed(0)
     engine, net = PrivacyEngine(), nn.Linear(4, 3)
@@ -856,7 +856,7 @@ def test_fp16_loss_scaling_is_refused_with_a_reason_and_nothing_is_released():
     x, y = next(iter(loader))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(((model(x) - y) ** 2).mean()).backward()
-    with pytest.raises(RuntimeError, match="loss scaling"):
+    with pytest.raises(RuntimeError, match="attach_grad_scaler"):
         scaler.step(opt)
     assert engine.steps == 0
     opt.zero_grad()

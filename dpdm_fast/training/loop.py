@@ -47,6 +47,7 @@ from .warm_start import WarmStart, planned_releases, warmup_started
 
 CHECKPOINT = "checkpoint.pt"
 SNAPSHOT_NOISE_SEED = 12345   # snapshot grids start from the same noise at every snapshot (and in every run)
+FP16_LOSS_SCALE = 2.0**16   # --amp fp16: GradScaler's default initial scale, kept fixed (a backoff would depend on the data)
 
 
 @dataclass
@@ -151,11 +152,11 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, workdir: str | Path, *, resume: bool = False, max_steps: int | None = None,
-                 amp: bool = False, device: str | None = None, progress: bool = True):
+                 amp: bool | str = False, device: str | None = None, progress: bool = True):
         validate_counts(cfg)   # before anything touches the data: a bad frequency must not fail after a step
         self.cfg, self.workdir = cfg, Path(workdir)
         self.device = resolve_device(device)
-        self.amp, self.progress, self.max_steps = amp, progress, max_steps
+        self.amp, self.progress, self.max_steps = amp_mode(amp), progress, max_steps
         self.config_tree = to_plain(cfg)
         self.ranks = Ranks.current()
         if cfg.warmup.enabled and self.ranks.distributed:
@@ -296,6 +297,10 @@ class Trainer:
             max_grad_norm=plan.max_grad_norm, noise_multiplicity=cfg.loss.n_noise_samples,
             noise_generator=self.noise_gen, backend=cfg.dp.backend, distributed=ranks.distributed,
             public_dataset_size=cfg.data.public_size, grad_sample_views=False)   # (no scaling pass)
+        self.loss_scaler = None
+        if self.amp == "fp16":   # a fixed scale: under DP it never backs off (see DPOptimizer.attach_grad_scaler)
+            self.loss_scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_LOSS_SCALE, growth_interval=10**9)
+            self.optimizer.attach_grad_scaler(self.loss_scaler)
         if self.loader.sample_rate != plan.sample_rate:   # the accountant is told exactly the sampler's rate
             raise RuntimeError(f"internal: loader samples at {self.loader.sample_rate}, plan says {plan.sample_rate}")
         if self.optimizer.expected_batch_size != plan.divisor:
@@ -437,7 +442,7 @@ class Trainer:
     def _autocast(self):
         if not self.amp:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.amp])
 
     def _physical_batch(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats) -> None:
         x = x.to(self.device, non_blocking=True)
@@ -447,7 +452,10 @@ class Trainer:
         if len(x) == 0:      # an empty Poisson batch is still a step (pure noise): backward through nothing
             losses.sum().backward()
             return
-        losses.float().mean().backward()
+        loss = losses.float().mean()
+        # fp16: the engine divides each example's gradient by the scale before clipping; the scale is fixed,
+        # so the plain optimizer.step() applies it (GradScaler.step/update would change nothing)
+        (self.loss_scaler.scale(loss) if self.loss_scaler is not None else loss).backward()
         norms = self.private.collector.last_norms
         stats.add_batch(float(losses.detach().float().sum()), len(x), float(norms.sum()),
                         int((norms > self.plan.max_grad_norm).sum()))
@@ -480,7 +488,8 @@ class Trainer:
         out.write(f"K={cfg.loss.n_noise_samples} noise samples per example, physical batches of at most "
                   f"{self.physical_batch_size} examples (dp.max_physical_batch_size {cfg.dp.max_physical_batch_size} / "
                   f"dp.n_splits {cfg.dp.n_splits}), device {self.device}"
-                  + (", bf16 autocast" if self.amp else "") + (f"; resuming at step {self.step}" if self.step else ""))
+                  + (f", {self.amp} autocast" if self.amp else "")
+                  + (f" with a fixed loss scale of {FP16_LOSS_SCALE:g}" if self.loss_scaler is not None else "") + (f"; resuming at step {self.step}" if self.step else ""))
         if self.ranks.distributed:
             out.write(f"{self.ranks.world_size} processes ({backend_name()}): each samples its shard of every Poisson "
                       "batch; the clipped sums are all-reduced and rank 0 adds the noise once (per-rank physical "
@@ -553,6 +562,17 @@ class Trainer:
               f"({plan.accountant} accountant), wall {wall():.0f} s, checkpoint {self.ckpt_path}"
               + ("" if finished else "; continue with --resume"))
         return result
+
+
+def amp_mode(amp: bool | str | None) -> str | None:
+    """``--amp``'s value: None (fp32), "bf16" (True, as before) or "fp16" (with a fixed loss scale)."""
+    if amp in (None, False):
+        return None
+    if amp is True:
+        return "bf16"
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp={amp!r}: expected 'bf16' or 'fp16' (or True for bf16)")
+    return amp
 
 
 def train(cfg: DictConfig, workdir: str | Path, **kwargs) -> TrainResult:

@@ -1,6 +1,7 @@
 """DP optimizer: noise the clipped sum once per logical batch, then step the wrapped optimizer."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -65,6 +66,7 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
         self.accumulated_iterations = 1
         self._skip_next = self._last_step_skipped = False
         self._steps_taken = 0
+        self.grad_scaler: torch.amp.GradScaler | None = None   # fp16 loss scaling (attach_grad_scaler)
         theirs = [p for group in optimizer.param_groups for p in group["params"]]
         if {id(p) for p in theirs if p.requires_grad} - set(collector.layout.slots):
             raise ValueError("the optimizer holds parameters that are not trainable parameters of the private module")
@@ -72,6 +74,53 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
     # -- Opacus-compatible surface ------------------------------------------------------------
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
         self.step_hooks.append(fn)
+
+    def attach_grad_scaler(self, scaler: "torch.amp.GradScaler") -> None:
+        """fp16 autocast with loss scaling: train with ``scaler.scale(loss).backward()``,
+        ``scaler.step(optimizer)``, ``scaler.update()`` as usual, after attaching the scaler here.
+
+        Each backward divides its per-example gradients by the scaler's scale before their norms are
+        taken, so they are clipped at max_grad_norm unscaled, and the noise is added at the unscaled
+        scale, as in fp32. No step is ever skipped: skipping one because an example's scaled gradient
+        overflowed would release, without noise, whether the batch held such an example. That example's
+        gradient is replaced by zero instead (still a function of the example alone, of norm <= max_grad_norm,
+        so the step is an ordinary, counted DP-SGD step), and the scaler is told that no step overflowed,
+        so its scale never depends on the private data: it stays fixed, or grows on its own schedule and
+        never backs off. Use a fixed scale (``GradScaler(init_scale=2.0**16, growth_interval=10**9)``) small
+        enough for the network; ``collector.overflowed_examples`` counts the zeroed examples of a step (a
+        statistic of the private data: for debugging, never to be logged or released)."""
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"expected a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if self.collector.holds_examples:
+            raise RuntimeError("attach the GradScaler between steps, not after a backward of the current step")
+        if scaler.is_enabled() and scaler.get_growth_interval() < 10**6:
+            warnings.warn(f"this GradScaler grows its scale by {scaler.get_growth_factor()} every "
+                          f"{scaler.get_growth_interval()} steps and, under DP, never backs off (a backoff would "
+                          "depend on the private data): examples whose scaled gradient overflows contribute zero. "
+                          "Prefer a fixed scale: GradScaler(init_scale=..., growth_interval=10**9)", stacklevel=2)
+        self.grad_scaler = self.collector.loss_scaler = scaler
+
+    def check_loss_scale(self, grad_scale) -> None:
+        """A GradScaler steps this optimizer: the step's gradients must have been unscaled by its scale."""
+        used = self.collector.loss_scales
+        if self.grad_scaler is None or (used and used != {float(grad_scale)}):
+            del self.grad_scale, self.found_inf     # (GradScaler deletes them only after a step that returns)
+            self._discard()
+            if self.grad_scaler is None:
+                raise RuntimeError(
+                    "a GradScaler steps this optimizer, but it was not attached: the per-example gradients carry "
+                    "the loss scale, so clipping them at max_grad_norm would clip the true gradients at "
+                    "max_grad_norm / scale. Call optimizer.attach_grad_scaler(scaler) before the first backward "
+                    "(or train in fp32 or with bf16 autocast, which needs no loss scaling)")
+            raise RuntimeError(f"the step's gradients were unscaled by {sorted(used)}, but the GradScaler stepping "
+                               f"it has scale {float(grad_scale)}: step with the scaler attached to this optimizer")
+
+    def _report_no_overflow(self) -> None:
+        """GradScaler.update() backs off on the overflows recorded for each optimizer; record none (see
+        ``attach_grad_scaler``), so that its scale never depends on the private data."""
+        state = self.grad_scaler._per_optimizer_states[id(self)]
+        device = self.collector.layout_device
+        state["found_inf_per_device"] = {device: torch.zeros((), dtype=torch.float32, device=device)}
 
     def signal_skip_step(self, do_skip: bool = True) -> None:
         """Next ``step()`` only accumulates (used by BatchMemoryManager for non-final physical batches)."""
@@ -99,6 +148,8 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
     def pre_step(self) -> bool:
         """Noise and scale; returns False when this step only accumulates."""
         collector = self.collector
+        if self.grad_scaler is not None:
+            self._report_no_overflow()
         accumulated, collector.backwards_since_step = collector.backwards_since_step, 0
         if self._skip_next and collector.backward_calls and not collector.closed:
             self._skip_next, self._last_step_skipped = False, True

@@ -17,7 +17,7 @@ class WrappedOptimizer(Optimizer):
     ``pre_step()`` (the subclass's work; False: no update this time) and the wrapped optimizer's step."""
 
     # torch.amp.GradScaler then hands its scale to step() (as ``grad_scale``) instead of unscaling p.grad, which
-    # the engine has not filled yet: step() can then refuse loss scaling with a reason, not an AssertionError.
+    # the engine has not filled yet (the subclass unscales each example's gradient itself, or refuses).
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: Optimizer):
@@ -62,14 +62,14 @@ class WrappedOptimizer(Optimizer):
     def pre_step(self) -> bool:
         raise NotImplementedError
 
+    def check_loss_scale(self, grad_scale) -> None:
+        """Called by step() when a GradScaler steps this optimizer with its scale: raise unless the
+        gradients were unscaled by exactly that scale."""
+        raise NotImplementedError
+
     def step(self, closure=None):
         if getattr(self, "grad_scale", None) is not None:
-            del self.grad_scale, self.found_inf     # (GradScaler deletes them only after a step that returns)
-            raise RuntimeError(
-                "fp16 loss scaling (torch.amp.GradScaler) is not supported by the DP engine yet: the per-example "
-                "gradients would carry the loss scale, so clipping them at max_grad_norm would clip the true "
-                "gradients at max_grad_norm / scale, and a skipped step would depend on the private data. Train "
-                "in fp32 or with bf16 autocast (--amp), which needs no loss scaling")
+            self.check_loss_scale(self.grad_scale)
         if closure is not None:
             with torch.enable_grad():
                 closure()

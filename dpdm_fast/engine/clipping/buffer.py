@@ -47,18 +47,24 @@ class PerExampleBuffer:
         return True
 
     def clip_job(self, B: int, written: set, scale: float, max_grad_norm: float, backend,
-                 layer_bounds: torch.Tensor | None = None, scale_in_place: bool = True) -> ClipJob:
-        """The pass's buffer as a job to clip and sum: each example's norm is the norm of its per-parameter
-        norms; a non-finite one is refused, never clipped. ``scale_in_place``: the blocks are first
-        scaled to the per-example gradients (Opacus's ``grad_sample`` views them) and the job's scale is
-        1; otherwise the scale is applied with the clip factors (no pass over the buffer)."""
+                 layer_bounds: torch.Tensor | None = None, scale_in_place: bool = True,
+                 zero_nonfinite: bool = False) -> tuple[ClipJob, torch.Tensor | int]:
+        """The pass's buffer as a job to clip and sum, and how many examples were zeroed. Each example's
+        norm is the norm of its per-parameter norms; a non-finite one is refused, never clipped, unless
+        ``zero_nonfinite`` (fp16 loss scaling, where an overflow is expected): that example's gradient is
+        then replaced by zero. ``scale_in_place``: the blocks are first scaled to the per-example gradients
+        (Opacus's ``grad_sample`` views them) and the job's scale is 1; otherwise the scale is applied with
+        the clip factors (no pass over the buffer)."""
         self.norm_table.mul_(scale)
         if scale_in_place and scale != 1:
             with profile_scope("dpdm_fast.scale"):
                 self.storage[:B * self.layout.size].mul_(scale)
         job_scale = 1.0 if scale_in_place else scale
         norms = backend.norms(self.norm_table.t())
-        if not torch.isfinite(norms).all():
+        zeroed: torch.Tensor | int = 0
+        if zero_nonfinite:
+            zeroed = self._zero_nonfinite(B, norms)
+        elif not torch.isfinite(norms).all():
             bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
             raise FloatingPointError(
                 f"non-finite per-example gradients for examples {bad[:10]} of this batch (their positions in the "
@@ -67,7 +73,20 @@ class PerExampleBuffer:
                 "example, run the model without the engine on those rows and check torch.isfinite of the loss "
                 "(or use torch.autograd.set_detect_anomaly(True)); private.collector.last_norms holds the norms")
         return ClipJob(self.layout, self.storage, B, [id(p) in written for p in self.layout.params], norms,
-                       max_grad_norm, job_scale, layer_bounds, None if layer_bounds is None else self.norm_table)
+                       max_grad_norm, job_scale, layer_bounds, None if layer_bounds is None else self.norm_table), zeroed
+
+    def _zero_nonfinite(self, B: int, norms: torch.Tensor) -> torch.Tensor:
+        """Replace every example whose gradient holds an inf or NaN by a zero gradient (norms included).
+        Each example's contribution stays a function of that example alone with norm <= max_grad_norm, so
+        the sensitivity, and the guarantee, are unchanged; skipping the whole step instead would release,
+        without noise, whether the batch held such an example. Returns the count (a tensor: no sync)."""
+        bad = ~torch.isfinite(norms)
+        with profile_scope("dpdm_fast.zero_nonfinite"):
+            for p in self.layout.params:   # a fill, not a multiplication: inf * 0 is NaN
+                self.layout.block(self.storage, p, B).view(B, p.numel()).masked_fill_(bad[:, None], 0.0)
+            self.norm_table.masked_fill_(bad[None, :], 0.0)
+            norms.masked_fill_(bad, 0.0)
+        return bad.sum()
 
 
 def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:

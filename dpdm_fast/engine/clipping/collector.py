@@ -48,6 +48,13 @@ class GroupGradientCollector:
         self.num_examples = 0          # examples folded into clipped_sum since the last reset
         self.backwards_since_step = 0  # backward passes since the optimizer's last step() call
         self.last_norms: torch.Tensor | None = None  # per-example norms of the last backward
+        # fp16 loss scaling (``DPOptimizer.attach_grad_scaler``): the scaler whose scale the loss was multiplied
+        # by; each backward divides its per-example gradients by that scale before their norms are compared
+        # with max_grad_norm. The scales used since the last reset, and the examples whose scaled gradient
+        # overflowed (zeroed; a statistic of the private data: never log or save it).
+        self.loss_scaler = None
+        self.loss_scales: set[float] = set()
+        self.overflowed_examples: torch.Tensor | int = 0
         # ids of the trainable parameters of the current step (the user may freeze some between steps)
         self.active: frozenset = frozenset(id(p) for p in layout.params)
         self.closed = False
@@ -218,8 +225,12 @@ class GroupGradientCollector:
         # Opacus's per-row scaling (rows for 'mean'), then the average over K rows. Parameters this
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
-        self._pending = self._buffer.clip_job(B, written, scale, self.max_grad_norm, self.backend,
-                                              self._layer_bounds, scale_in_place=self.views is not None)
+        if self.loss_scaler is not None:   # exact for GradScaler's powers of two
+            scale /= self._loss_scale()
+        self._pending, overflowed = self._buffer.clip_job(
+            B, written, scale, self.max_grad_norm, self.backend, self._layer_bounds,
+            scale_in_place=self.views is not None, zero_nonfinite=self.loss_scaler is not None)
+        self.overflowed_examples = self.overflowed_examples + overflowed
         self.last_norms = self._pending.norms
         self.unclipped = self.unclipped + self._pending.unclipped()
         self.num_examples += B
@@ -231,6 +242,14 @@ class GroupGradientCollector:
         if self.views is not None:
             self.views.expose(self._buffer, B, written, self._clipped_sum)
 
+    def _loss_scale(self) -> float:
+        """The attached scaler's current scale: what this backward's loss was multiplied by."""
+        loss_scale = float(self.loss_scaler.get_scale())
+        if not 0 < loss_scale < float("inf"):
+            raise RuntimeError(f"the GradScaler's scale is {loss_scale}: expected a finite positive scale")
+        self.loss_scales.add(loss_scale)
+        return loss_scale
+
     def abort(self) -> None:
         """Forget a backward pass that failed half-way (its clipped contributions were never added)."""
         self._B = None
@@ -241,3 +260,5 @@ class GroupGradientCollector:
         self.num_examples = 0
         self.backward_calls = 0
         self.unclipped = 0
+        self.loss_scales = set()
+        self.overflowed_examples = 0
