@@ -22,9 +22,11 @@ FORMAT = "dpdm_fast.train/1"
 # often, how samples are drawn, how data is read, how the engine computes the same update (backend,
 # path choice: the same mathematics, so only rounding can differ). Everything else decides the trained
 # model or its privacy, and must match; physical batching (dp.max_physical_batch_size, dp.n_splits)
-# too, because the loss draws its label dropout, noise levels and diffusion noise per physical batch.
+# too, because the loss draws its label dropout, noise levels and diffusion noise per physical batch
+# (with dp.max_physical_batch_size: auto, the resumed run reuses the pass size the checkpoint records, so
+# dp.memory_fraction, which only informs a new probe, may change).
 RESUMABLE_CHANGES = ("setup.", "sampler.", "data.path", "data.dataloader_params", "data.fid_stats",
-                     "dp.backend", "dp.autotune",
+                     "dp.backend", "dp.autotune", "dp.memory_fraction",
                      "train.log_freq", "train.snapshot_freq", "train.snapshot_threshold", "train.save_freq",
                      "train.save_threshold", "train.fid_freq", "train.fid_samples", "train.fid_threshold")
 

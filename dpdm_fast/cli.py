@@ -31,7 +31,25 @@ def cmd_info(args: argparse.Namespace) -> int:
                         epsilon=cfg.dp.epsilon, delta=cfg.dp.delta, max_grad_norm=cfg.dp.max_grad_norm,
                         accountant=cfg.dp.accountant, size_is_public=public is not None)
     print(plan.describe())
+    if cfg.dp.max_physical_batch_size == "auto" or args.probe:
+        _print_pass_plan(cfg, plan, args)
     return 0
+
+
+def _print_pass_plan(cfg, plan, args: argparse.Namespace) -> None:
+    """The memory probe's plan (dp.max_physical_batch_size: auto) and the projected time per step and epoch."""
+    from .training.loop import amp_mode, resolve_device
+    from .training.memory_plan import AUTO, fixed_pass_size, plan_passes
+
+    passes = plan_passes(cfg, resolve_device(args.device), amp_mode(args.amp))
+    print(passes.describe(plan.expected_batch_size, plan.steps_per_epoch, cfg.dp.n_splits))
+    if cfg.dp.max_physical_batch_size != AUTO:
+        configured = fixed_pass_size(cfg)
+        step_s = passes.seconds_per_step(plan.expected_batch_size, configured)
+        print(f"  the configured passes of {configured} examples: about {passes.peak_bytes(configured) / 2**30:.2f} "
+              f"GiB each ({'fits' if configured <= passes.examples_per_pass else 'does NOT fit'} in "
+              f"{passes.memory_fraction:.0%} of the free memory), a step about {step_s:.0f} s, the run's "
+              f"{plan.total_steps} steps about {step_s * plan.total_steps / 3600:.1f} h")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -172,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="resolve a config and show the network and the DP noise it implies")
     info.add_argument("config", help="YAML config, e.g. configs/mnist_28/train_eps_10.0.yaml")
     info.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    info.add_argument("--probe", action="store_true",
+                      help="measure memory and time per pass on the device (always done for "
+                           "dp.max_physical_batch_size: auto): the largest pass that fits, time per step and epoch")
+    info.add_argument("--device", default=None, help="where to probe (cuda when present, else cpu)")
+    info.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                      help="probe under autocast, as `train --amp`")
     info.set_defaults(func=cmd_info)
     tr = sub.add_parser("train", help="train a differentially private diffusion model from a config")
     tr.add_argument("config", help="YAML config, e.g. configs/mnist_28/quick_cpu.yaml")

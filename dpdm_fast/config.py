@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -153,8 +153,11 @@ class DPConfig:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     epsilon: float = 10.0
-    max_physical_batch_size: int = 8192
+    # examples per physical batch, or "auto": the largest pass that fits in memory_fraction of the free memory,
+    # measured by a probe step of the configured network (dpdm-fast info CONFIG shows the plan)
+    max_physical_batch_size: Union[int, str] = 8192
     n_splits: int = 4   # each physical batch runs as n_splits passes (memory: max_physical_batch_size / n_splits examples)
+    memory_fraction: float = 0.8   # (auto only) the share of the free memory a pass may use
     accountant: str = "rdp"
     secure_mode: bool = False
     # auto (Triton kernels on a GPU, torch on the CPU) | torch | triton | cuda: see the README's Backends
@@ -301,8 +304,11 @@ def validate_counts(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is None and key in ("data.public_size", "data.n_classes"):
             continue   # optional
+        if key == "dp.max_physical_batch_size" and value == "auto":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            problems.append(f"{key}={value!r} (must be an integer >= {minimum})")
+            problems.append(f"{key}={value!r} (must be an integer >= {minimum}"
+                            + (' or "auto")' if key == "dp.max_physical_batch_size" else ")"))
     for key, (low, high, low_ok) in _WARMUP_RANGES.items():
         value = OmegaConf.select(cfg, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -314,6 +320,9 @@ def validate_counts(cfg: DictConfig) -> None:
     features = OmegaConf.select(cfg, "warmup.rff.n_features")
     if isinstance(features, int) and features % 2:
         problems.append(f"warmup.rff.n_features={features} (must be even: a cos and a sin per frequency)")
+    fraction = OmegaConf.select(cfg, "dp.memory_fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        problems.append(f"dp.memory_fraction={fraction!r} (must be in (0, 1])")
     ema = OmegaConf.select(cfg, "model.ema_rate")
     if not (isinstance(ema, (int, float)) and 0 <= ema < 1):
         problems.append(f"model.ema_rate={ema!r} (must be in [0, 1))")

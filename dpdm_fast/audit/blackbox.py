@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from ..data import build_dataset
 from ..diffusion import build_loss
 from ..generate import build_model
-from ..training.loop import _optimizer, resolve_device
+from ..training.loop import resolve_device
+from ..training.optimizers import build_optimizer
 from .run import assemble, canary_run, check_arguments
 
 SCOPE = {
@@ -55,7 +56,7 @@ def worst_case_initial_state(cfg: DictConfig, held_out, steps: int, batch_size: 
     model = build_model(cfg).to(device)
     if steps == 0:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    optimizer = _optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, model.parameters())
     loss_fn = build_loss(**cfg.loss)
     gen = torch.Generator().manual_seed(seed)
     if len(held_out) == 0:

@@ -23,7 +23,9 @@ from ..diffusion import build_loss
 from ..engine import BatchMemoryManager
 from ..engine.sampling.poisson import PoissonDataLoader
 from ..generate import build_model
-from ..training.loop import _optimizer, resolve_device
+from ..training.loop import resolve_device
+from ..training.memory_plan import pass_size
+from ..training.optimizers import build_optimizer
 from ..training.privacy_plan import plan_privacy, quiet_accountant
 from .canaries import AuditDataset, CanaryDenoiser, random_images, with_canary_terms
 from .estimators import estimate_all
@@ -141,7 +143,7 @@ def canary_run(cfg: DictConfig, *, canaries: int, mode: str, noise_multiplier: f
                               bool(cfg.data.n_classes), seed + 6)
     model = (CanaryDenoiser(denoiser, canaries, plan.max_grad_norm) if mode == "gradient" else denoiser).to(dev)
     holder = model if mode == "gradient" else layer     # what the canaries' rows are told to (None: input mode)
-    optimizer = _optimizer(cfg, model.parameters())
+    optimizer = build_optimizer(cfg, model.parameters())
     loader = PoissonDataLoader(dataset, sample_rate=plan.sample_rate, steps=plan.steps_per_epoch,
                                generator=None if dp.secure_mode else torch.Generator().manual_seed(seed + 2),
                                secure_mode=dp.secure_mode)
@@ -157,7 +159,7 @@ def canary_run(cfg: DictConfig, *, canaries: int, mode: str, noise_multiplier: f
     loss_fn = build_loss(**cfg.loss)
     loss_gen = torch.Generator(device=dev).manual_seed(seed + 4)
     labelled = bool(cfg.data.n_classes)
-    physical = -(-dp.max_physical_batch_size // dp.n_splits)
+    physical = pass_size(cfg, dev)
 
     # input canaries: score = how much training lowered each canary's loss (the same noise draws before and
     # after), which removes most of the canary-to-canary spread of the loss itself

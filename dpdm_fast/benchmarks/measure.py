@@ -17,6 +17,7 @@ import time
 import torch
 
 from .engines import build_engine
+from ..engine.profiling import peak_allocated_bytes
 
 
 def _sync(device: torch.device) -> None:
@@ -128,30 +129,24 @@ def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) ->
     every temporary), plus the process's peak RSS during the steps (what the OS saw; noisy).
     """
     dev = torch.device(device)
+    built = {}
+
+    def build_and_step():
+        built["step"], built["params"] = build_engine(engine, workload, B, K, dev)
+        for _ in range(2):
+            built["step"]()
     try:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-            step, nparams = build_engine(engine, workload, B, K, dev)
-            for _ in range(2):
-                step()
+            build_and_step()
             _sync(dev)
-            return {"status": "ok", "peak_bytes": torch.cuda.max_memory_allocated(dev), "params": nparams}
-        from torch.profiler import ProfilerActivity, profile
+            return {"status": "ok", "peak_bytes": torch.cuda.max_memory_allocated(dev), "params": built["params"]}
         _reset_peak_rss()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step, nparams = build_engine(engine, workload, B, K, dev)
-            for _ in range(2):
-                step()
+        peak = peak_allocated_bytes(build_and_step, dev)
     except Exception as e:  # noqa: BLE001
         return {"status": _failure(e)}
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, delta in events:
-        live += delta
-        peak = max(peak, live)
-    return {"status": "ok", "peak_bytes": peak, "peak_rss_bytes": _status_kb("VmHWM") * 1024, "params": nparams}
+    return {"status": "ok", "peak_bytes": peak, "peak_rss_bytes": _status_kb("VmHWM") * 1024, "params": built["params"]}
 
 
 def _status_kb(field: str) -> int:

@@ -38,7 +38,9 @@ from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
 from .ema import EMA
+from .memory_plan import AUTO, PassPlan, fixed_pass_size, plan_passes
 from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
+from .optimizers import build_optimizer
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
 from .private_files import (data_check, data_key, mark_released, read_resume_state, released_step,
                             write_resume_state)
@@ -128,14 +130,6 @@ def legacy_data_fingerprint(dataset) -> str:
     return digest.hexdigest()
 
 
-def _optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
-    name = cfg.optim.optimizer
-    choices = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "SGD": torch.optim.SGD}
-    if name not in choices:
-        raise ValueError(f"optim.optimizer={name!r}: choose one of {sorted(choices)}")
-    return choices[name](params, lr=cfg.optim.params.lr, weight_decay=cfg.optim.params.weight_decay)
-
-
 def _config_hash(tree: dict) -> str:
     """What every rank must agree on: the config without where things are (setup.*, data.path)."""
     import json
@@ -174,14 +168,28 @@ class Trainer:
                                               epsilon=dp.epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
                                               accountant=dp.accountant, size_is_public=public_size is not None,
                                               releases=planned_releases(cfg))
-        # DPDM's n_splits: each physical batch runs as n_splits forward/backward passes of whole examples
-        self.physical_batch_size = -(-dp.max_physical_batch_size // dp.n_splits)
+        self.pass_plan: PassPlan | None = None   # dp.max_physical_batch_size: auto, probed by this run
+        self.physical_batch_size = self._pass_size(saved)
         if max_steps is not None and not 1 <= max_steps <= self.plan.total_steps:
             raise ValueError(f"--max-steps {max_steps}: the schedule has {self.plan.total_steps} steps "
                              f"({cfg.train.n_epochs} epochs of {self.plan.steps_per_epoch})")
         self._build(saved)
 
     # -- setup --------------------------------------------------------------------------------
+    def _pass_size(self, saved: dict | None) -> int:
+        """Examples per forward/backward pass: from the config (DPDM's n_splits passes per physical batch), or
+        for ``auto`` from a memory probe on rank 0's device (a resumed run reuses its checkpoint's size, so it
+        continues exactly: the loss draws its noise per pass)."""
+        if self.cfg.dp.max_physical_batch_size != AUTO:
+            return fixed_pass_size(self.cfg)
+        if saved is not None and saved.get("examples_per_pass"):
+            return int(saved["examples_per_pass"])
+        size = None
+        if self.ranks.is_main:
+            self.pass_plan = plan_passes(self.cfg, self.device, self.amp)
+            size = self.pass_plan.examples_per_pass
+        return broadcast_from_main(size) if self.ranks.distributed else size
+
     def _training_dataset(self):
         """The private training set (the audit's trainer adds its canaries here)."""
         if not self.cfg.data.path:
@@ -277,7 +285,7 @@ class Trainer:
             self.warmup_log = WarmStart(cfg, self.workdir, device, progress=self.progress).run(
                 self.dataset, self.model, self.data_check)
             torch.manual_seed(seeds["init"])       # DP-SGD's dropout stream as without a warm-up
-        optimizer = _optimizer(cfg, self.model.parameters())
+        optimizer = build_optimizer(cfg, self.model.parameters())
 
         # Every rank draws the same Poisson masks (each keeps its shard: together, the one-process batch) and
         # holds the same noise generator (only rank 0 draws from it); the loss's noise and dropout are per rank.
@@ -405,7 +413,7 @@ class Trainer:
             "rng": {"poisson": self.poisson_gen.get_state(),
                     "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
                     "world_size": self.ranks.world_size},
-            "wall_s": wall_s, "data_check": self.data_check,
+            "wall_s": wall_s, "data_check": self.data_check, "examples_per_pass": self.physical_batch_size,
         }
 
     def save(self, wall_s: float, numbered: bool = False) -> Path:
@@ -485,6 +493,8 @@ class Trainer:
             out.write(plan.describe_split())
         for line in self.warmup_log:
             out.write(line)
+        if self.pass_plan is not None:
+            out.write(self.pass_plan.describe(plan.expected_batch_size, plan.steps_per_epoch, cfg.dp.n_splits))
         out.write(f"K={cfg.loss.n_noise_samples} noise samples per example, physical batches of at most "
                   f"{self.physical_batch_size} examples (dp.max_physical_batch_size {cfg.dp.max_physical_batch_size} / "
                   f"dp.n_splits {cfg.dp.n_splits}), device {self.device}"

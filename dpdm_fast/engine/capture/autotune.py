@@ -107,6 +107,19 @@ def clear_cache() -> None:
     _CHOICES.clear()
 
 
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """An empty cache inside (every shape key is tuned anew, as on a fresh process's first calls), and the
+    caller's choices back afterwards (a memory probe must neither reuse nor leave choices)."""
+    saved = dict(_CHOICES)
+    _CHOICES.clear()
+    try:
+        yield
+    finally:
+        _CHOICES.clear()
+        _CHOICES.update(saved)
+
+
 def _portable(value):
     """A cache key with dtypes as strings, so a checkpoint holding it loads with ``weights_only=True``."""
     if isinstance(value, torch.dtype):

@@ -1,0 +1,222 @@
+"""``dp.max_physical_batch_size: auto``: the largest pass that fits in memory, measured by a probe.
+
+The probe builds the configured network, loss and optimizer on the device, wraps them in the DP engine
+(the configured K, clip bound and backend, noise on) and runs whole DP steps (forward over K rows per
+example, backward with per-example gradients, clip, noise, optimizer) at two small numbers of examples,
+measuring each step's peak memory and time. Memory grows linearly with the examples of a pass (rows,
+activations, the per-example buffer), so the two peaks give the bytes per example and the fixed part
+(a second copy of the model and its optimizer state: a conservative margin); the plan is the largest
+pass that fits in ``dp.memory_fraction`` of the memory free when it is measured (GPU:
+``torch.cuda.mem_get_info``; CPU: the kernel's MemAvailable).
+
+Privacy: the probe's images are zeros and its labels 0; nothing of the private data is read, so the
+pass size depends on the device and the config only (and the physical batching never changes the
+update's mathematics, only how many examples share a forward pass).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from ..diffusion import build_loss
+from ..engine import DPOptimizer, PrivateModule, autotune
+from ..engine.profiling import peak_allocated_bytes
+from ..generate import build_model
+from .optimizers import build_optimizer
+
+AUTO = "auto"
+PROBE_EXAMPLES = {"cpu": (2, 4), "cuda": (8, 16)}   # small on the CPU: each example is K full rows
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe step: its examples, peak bytes above the start, and seconds (median of the timed repeats)."""
+    examples: int
+    peak_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """The largest pass (examples per forward/backward) that fits, and the linear models behind it."""
+    device: str
+    examples_per_pass: int
+    bytes_per_example: float
+    fixed_bytes: float
+    free_bytes: int
+    memory_fraction: float
+    seconds_per_example: float
+    seconds_per_pass: float        # the fixed time of a pass (launches, the step's noise and optimizer)
+    probes: tuple[Probe, ...]
+    planned: Probe                 # the step at the planned size itself, whose measured peak fits
+
+    def peak_bytes(self, examples: int) -> float:
+        return self.fixed_bytes + examples * self.bytes_per_example
+
+    def seconds_per_step(self, expected_batch: float, examples_per_pass: int | None = None) -> float:
+        """Projected time of a step of ``expected_batch`` examples in passes of at most examples_per_pass."""
+        per_pass = examples_per_pass or self.examples_per_pass
+        return math.ceil(expected_batch / per_pass) * self.seconds_per_pass + expected_batch * self.seconds_per_example
+
+    def describe(self, expected_batch: float, steps_per_epoch: float, n_splits: int = 1) -> str:
+        gib = 2.0**30
+        step_s = self.seconds_per_step(expected_batch)
+        lines = [
+            f"physical batch (dp.max_physical_batch_size: auto) on {self.device}: passes of {self.examples_per_pass} "
+            f"examples (max_physical_batch_size = {self.examples_per_pass * n_splits} in {n_splits} split(s))",
+            f"  memory: {self.bytes_per_example / 2**20:.1f} MiB per example + {self.fixed_bytes / 2**20:.0f} MiB "
+            f"fixed (fitted); {self.memory_fraction:.0%} of {self.free_bytes / gib:.1f} GiB free; a pass of "
+            f"{self.examples_per_pass} measured at {self.planned.peak_bytes / gib:.2f} GiB",
+            f"  probe steps: " + ", ".join(f"{p.examples} examples: {p.peak_bytes / 2**20:.0f} MiB, {p.seconds:.2f} s"
+                                           for p in self.probes + (self.planned,)),
+            f"  time (measured at the planned size and the smallest): {self.seconds_per_example * 1e3:.1f} ms per example + "
+            f"{self.seconds_per_pass:.2f} s per pass; a step of {expected_batch:g} examples about {step_s:.0f} s, "
+            f"an epoch ({steps_per_epoch:g} steps) about {_duration(step_s * steps_per_epoch)}",
+        ]
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for this process on the device now."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        raise RuntimeError("dp.max_physical_batch_size: auto reads the free memory from /proc/meminfo (Linux), "
+                           "which is not readable here: set dp.max_physical_batch_size to a number")
+    raise RuntimeError(f"dp.max_physical_batch_size: auto measures memory on CUDA GPUs and the CPU, not on "
+                       f"{device}: set it to a number")
+
+
+def probe_step(cfg: DictConfig, device: torch.device, examples: int, amp: str | None = None):
+    """One DP step of the configured network on ``examples`` synthetic examples (K rows each), as a function."""
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    private = PrivateModule(model, noise_multiplicity=cfg.loss.n_noise_samples, max_grad_norm=cfg.dp.max_grad_norm,
+                            backend=cfg.dp.backend, grad_sample_views=False)
+    optimizer = DPOptimizer(build_optimizer(cfg, model.parameters()), private.collector, noise_multiplier=1.0,
+                            expected_batch_size=examples)
+    if amp == "fp16":
+        optimizer.attach_grad_scaler(torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_interval=10**9))
+    loss_fn = build_loss(**cfg.loss)
+    data = cfg.data
+    x = torch.zeros(examples, data.num_channels, data.resolution, data.resolution, device=device)
+    y = torch.zeros(examples, dtype=torch.long, device=device) if data.n_classes else None
+    generator = torch.Generator(device=device).manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = loss_fn(private, x, y, generator=generator).float().mean()
+        (optimizer.grad_scaler.scale(loss) if optimizer.grad_scaler is not None else loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None = None, repeats: int = 2) -> Probe:
+    """Peak memory of building the probe and running one step (in one measurement), then its time. The
+    step's first pass tunes every rule's path anew (with ``dp.autotune``), as a training run does at its
+    first pass of each size: its candidate paths' temporaries count in the peak."""
+    with autotune.isolated(), (contextlib.nullcontext() if cfg.dp.autotune else autotune.fixed()):
+        return _probe(cfg, device, examples, amp, repeats)
+
+
+def _probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None, repeats: int) -> Probe:
+    holder = {}
+
+    def build_and_step() -> None:
+        holder["step"] = probe_step(cfg, device, examples, amp)
+        holder["step"]()
+    peak = peak_allocated_bytes(build_and_step, device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        holder["step"]()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    del holder
+    return Probe(examples, peak, sorted(times)[len(times) // 2])
+
+
+def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
+                probe_examples: tuple[int, int] | None = None, attempts: int = 4) -> PassPlan:
+    """Probe the configured network at two sizes, predict the largest pass that fits in ``dp.memory_fraction``
+    of the free memory, then run a step of that size: accepted if its measured peak fits, else the size is
+    shrunk by the measured excess and tried again (the prediction is a straight line; some rules change
+    their temporaries with the batch size). The time per example comes from the small probe and that step."""
+    small, large = probe_examples or PROBE_EXAMPLES.get(device.type, (2, 4))
+    if not 1 <= small < large:
+        raise ValueError(f"probe sizes {small}, {large}: need 1 <= small < large")
+    free = free_memory(device)
+    probes = (probe(cfg, device, small, amp), probe(cfg, device, large, amp))
+    per_example = max((probes[1].peak_bytes - probes[0].peak_bytes) / (large - small), 1.0)
+    fixed = max(probes[0].peak_bytes - small * per_example, 0.0)
+    fraction = float(cfg.dp.memory_fraction)
+    budget = fraction * free
+    candidate = math.floor((budget - fixed) / per_example)
+    for _ in range(attempts):
+        if candidate < 1:
+            raise RuntimeError(
+                f"dp.max_physical_batch_size: auto: not even one example fits in {fraction:.0%} of the "
+                f"{free / 2**30:.2f} GiB free on {device} ({per_example / 2**20:.0f} MiB per example + "
+                f"{fixed / 2**20:.0f} MiB fixed): free memory, raise dp.memory_fraction, or lower "
+                "loss.n_noise_samples or the network's size")
+        planned = _try(cfg, device, candidate, amp)
+        if planned is not None and planned.peak_bytes <= budget:
+            break
+        measured = planned.peak_bytes if planned is not None else 2 * budget   # (a GPU out of memory: halve)
+        candidate = min(candidate - 1, math.floor(candidate * (budget - fixed) / max(measured - fixed, 1.0)))
+    else:
+        raise RuntimeError(f"dp.max_physical_batch_size: auto: no pass size found within {attempts} attempts "
+                           f"that fits in {budget / 2**30:.2f} GiB on {device}: set it to a number")
+    first = probes[0]
+    seconds_per_example = max((planned.seconds - first.seconds) / max(planned.examples - first.examples, 1), 0.0)
+    seconds_per_pass = max(first.seconds - first.examples * seconds_per_example, 0.0)
+    return PassPlan(str(device), candidate, per_example, fixed, free, fraction, seconds_per_example, seconds_per_pass,
+                    probes, planned)
+
+
+def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None) -> Probe | None:
+    """A probe step of ``examples``; None when the GPU runs out of memory (the CPU has no such error)."""
+    try:
+        return probe(cfg, device, examples, amp, repeats=1)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None
+
+
+def fixed_pass_size(cfg: DictConfig) -> int:
+    """The examples per forward/backward pass of a numeric dp.max_physical_batch_size (DPDM's n_splits:
+    each physical batch runs as n_splits passes of whole examples)."""
+    return -(-int(cfg.dp.max_physical_batch_size) // cfg.dp.n_splits)
+
+
+def pass_size(cfg: DictConfig, device: torch.device, amp: str | None = None) -> int:
+    """Examples per pass: the configured size, or for ``auto`` the probe's."""
+    if cfg.dp.max_physical_batch_size == AUTO:
+        return plan_passes(cfg, device, amp).examples_per_pass
+    return fixed_pass_size(cfg)

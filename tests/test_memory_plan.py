@@ -1,0 +1,77 @@
+"""dp.max_physical_batch_size: auto (issue 25 item 3): a probe of the configured network measures memory per
+example, the plan takes the largest pass that fits in the stated fraction of the free memory, the trainer
+uses it (and a resumed run keeps it), and `dpdm-fast info` prints it."""
+import pytest
+import torch
+
+from dpdm_fast.config import ConfigError, validate_counts
+from dpdm_fast.training import memory_plan
+from dpdm_fast.training.loop import Trainer
+from training_helpers import tiny_config, tiny_mnist
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+def test_the_plan_is_the_largest_pass_that_fits_and_a_pass_of_that_size_does_fit(data, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": ""})   # no data is read
+    free = {}
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: free["bytes"])
+    step = memory_plan.probe(cfg, CPU, 4)
+    assert step.peak_bytes > 0
+    # a machine where about 10 examples fit in 80% of the free memory
+    free["bytes"] = int(step.peak_bytes * 10 / 4 / 0.8)
+    plan = memory_plan.plan_passes(cfg, CPU)
+    assert plan.bytes_per_example > 0 and plan.memory_fraction == 0.8
+    assert plan.planned.examples == plan.examples_per_pass and 5 <= plan.examples_per_pass <= 20
+    assert plan.planned.peak_bytes <= 0.8 * free["bytes"]          # measured, not only predicted, to fit
+    bigger = memory_plan.probe(cfg, CPU, plan.examples_per_pass + 3)
+    assert bigger.peak_bytes > 0.8 * free["bytes"]                  # and a few more would not have fitted
+    assert plan.seconds_per_step(100) > 0
+    text = plan.describe(expected_batch=100, steps_per_epoch=7, n_splits=1)
+    assert f"passes of {plan.examples_per_pass} examples" in text and "measured at the planned size" in text
+
+
+def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto"})
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: 1000)
+    with pytest.raises(RuntimeError, match="not even one example fits"):
+        memory_plan.plan_passes(cfg, CPU)
+
+
+def test_auto_and_memory_fraction_are_validated(data):
+    validate_counts(tiny_config(data, **{"dp.max_physical_batch_size": "auto"}))
+    with pytest.raises(ConfigError, match='or "auto"'):
+        validate_counts(tiny_config(data, **{"dp.max_physical_batch_size": "big"}))
+    with pytest.raises(ConfigError, match="memory_fraction"):
+        validate_counts(tiny_config(data, **{"dp.memory_fraction": 1.5}))
+
+
+def test_the_trainer_uses_the_plan_and_a_resumed_run_keeps_its_pass_size(data, tmp_path, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "train.snapshot_freq": 1000})
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: 100 * 2**20)   # a small machine
+    trainer = Trainer(cfg, tmp_path, max_steps=1, progress=False)
+    assert trainer.physical_batch_size == trainer.pass_plan.examples_per_pass < 32    # several passes per step
+    size = trainer.physical_batch_size
+    assert trainer.run().step == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["examples_per_pass"] == size
+
+    def no_probe(*a, **k):
+        raise AssertionError("a resumed run must not probe again")
+    monkeypatch.setattr("dpdm_fast.training.loop.plan_passes", no_probe)
+    resumed = Trainer(cfg, tmp_path, max_steps=2, resume=True, progress=False)
+    assert resumed.physical_batch_size == size and resumed.run().step == 2
+
+
+def test_info_prints_the_plan_and_the_time_per_epoch(data, capsys, monkeypatch):
+    from dpdm_fast.cli import main
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: 100 * 2**20)
+    overrides = [o for o in tiny_config.__globals__["tiny_overrides"](data) if not o.startswith("data.public_size")]
+    assert main(["info", "configs/mnist_28/train_eps_10.0.yaml", *overrides, "data.public_size=200",
+                 "dp.max_physical_batch_size=auto"]) == 0
+    out = capsys.readouterr().out
+    assert "dp.max_physical_batch_size: auto) on cpu: passes of" in out and "an epoch (7 steps) about" in out
