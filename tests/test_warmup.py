@@ -43,6 +43,18 @@ def test_composed_epsilon_is_the_accountants_on_the_same_history(accountant):
     assert "central_images" in plan.describe_split() and "rff_embedding" in plan.describe_split()
 
 
+def test_the_cached_rdp_composition_is_opacus_to_the_last_bit():
+    """composed_epsilon caches each entry's RDP curve (the calibration re-composes the same releases many
+    times): it must equal a fresh Opacus RDPAccountant exactly, in any order and after the cache is warm."""
+    histories = [[CENTRAL.entry, RFF.entry, (1.3, 1 / 15, 4500)], [(1.3, 1 / 15, 4500)],
+                 [RFF.entry, (0.9, 0.01, 7), CENTRAL.entry], [(20.0, 0.5, 2), (2.0, 1 / 80, 24000)]]
+    for history in histories + histories:
+        acc = create_accountant(mechanism="rdp")
+        acc.history = list(history)
+        with quiet_accountant():
+            assert composed_epsilon("rdp", history, 1e-5) == acc.get_epsilon(delta=1e-5)
+
+
 def test_releases_that_spend_the_budget_are_refused():
     with pytest.raises(ValueError, match="releases before DP-SGD alone"):
         plan_privacy(n_examples=60000, batch_size=512, n_epochs=1, epsilon=0.05, delta=1e-5, max_grad_norm=1.0,
