@@ -23,12 +23,13 @@ def _clip_sum(per_example: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
 
 def per_example_loop_update(model: nn.Module, loss_of_rows: Callable, rows: Sequence[torch.Tensor], K: int,
                             max_grad_norm: float, expected_batch_size: int) -> torch.Tensor:
-    """One autograd backward per example on the mean of its K row losses."""
+    """One autograd backward per example on the mean of its K row losses (a ``None`` in ``rows``, e.g. an
+    unconditional model's labels, is passed through as ``None``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     B = rows[0].shape[0] // K
     grads = []
     for b in range(B):
-        chunk = [r[b * K:(b + 1) * K] for r in rows]
+        chunk = [None if r is None else r[b * K:(b + 1) * K] for r in rows]
         g = torch.autograd.grad(loss_of_rows(model, *chunk).mean(), params, allow_unused=True)
         grads.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
                                 for gi, p in zip(g, params)]))
