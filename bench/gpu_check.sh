@@ -1,39 +1,150 @@
 #!/usr/bin/env bash
-# One prepared run on a machine with an NVIDIA GPU: correctness on the GPU, then the GPU grid.
-# Usage: bash bench/gpu_check.sh OUT_DIR
-# Needs torch (CUDA), numpy, matplotlib, omegaconf, pillow, tqdm, pytest, hypothesis there; opacus travels
-# as a wheel in .whl/ (pure Python; see bench/RESULTS.md), installed to /tmp/site. No network is used.
-# Finishes in about 10 minutes at most on one H200 (each part has its own timeout).
+# The one prepared GPU run: every open GPU question in at most 9 minutes on one GPU, most valuable first.
+#
+#   bash bench/gpu_check.sh OUT [--data DIR] [--cpu-dry-run]
+#
+# Each section runs under its own time limit and the whole under GPU_CHECK_BUDGET_S (default 530 s):
+# a section that would start with too little time left is recorded as skipped. Each writes
+# OUT/NN_name.txt as it goes and a line "NN_name rc=R Ss" to OUT/summary.txt, so a run cut off at any
+# point still reports what it reached.
+#   01_env            GPU, driver, torch, CUDA, Triton, nvcc, Opacus
+#   02_kernels        the kernel and fp16 tests natively (Triton kernels, the CUDA extension, GradScaler)
+#   03_engine         the engine with each backend (torch, triton, cuda) against the per-example loop and
+#                     Opacus on the published MNIST and CelebA networks (tests/test_gpu.py)
+#   04_published      the published MNIST config at K=32: dp.max_physical_batch_size=auto's plan, a
+#                     measured pass (rows/s, peak memory) and the projected time of the paper's 4,500 steps
+#   05_grid           the (B, K) speed grid on both networks, non-private / dpdm_fast (torch, triton) /
+#                     Opacus interleaved (OUT/grid: results.json, .md, .png)
+#   06_nccl           the trainer under torchrun with world size 1 (NCCL on a GPU)
+#   07_train          a 2-minute training run of the quick preset (SIGTERM at the limit: it checkpoints),
+#                     then a sample grid from its checkpoint (OUT/train/samples.png)
+#   08_audit          the one-run audit (default setting) with the Triton backend
+#
+# --data DIR: the folder holding mnist/ (default: shared/data in this checkout, else ../shared/data);
+# on the device machine, copy ../shared/data/mnist into a git-excluded folder and carry it. Opacus
+# travels as a wheel in .whl/ (see bench/RESULTS.md); without it the Opacus parts say so.
+# --cpu-dry-run: the same sections on the CPU with tiny shapes and the torch backend (pytest collects the
+# GPU tests without running them), about a minute: a default test runs it, so the script cannot rot.
 set -uo pipefail
-OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
-mkdir -p "$OUT"
+OUT=${1:?usage: bash bench/gpu_check.sh OUT [--data DIR] [--cpu-dry-run]}
+shift
+DRY=0
+DATA=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --cpu-dry-run) DRY=1 ;;
+    --data) DATA=${2:?--data needs a folder}; shift ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -z "$DATA" ]; then
+  if [ -d shared/data/mnist ]; then DATA=shared/data; else DATA=../shared/data; fi
 fi
-python3 - <<'PY' | tee "$OUT/env.txt"
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-for name in ["opacus", "triton", "omegaconf", "matplotlib", "hypothesis", "pytest_benchmark"]:
+DATA=$(cd "$DATA" 2>/dev/null && pwd) || { echo "no data folder $DATA (--data DIR, holding mnist/)" >&2; exit 2; }
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
+fi
+# A plain checkout (the device machine): the package from here, kernels/ and csrc/ linked in as installed
+LINKED=()
+if ! python3 -c "import dpdm_fast.kernels, dpdm_fast.csrc" >/dev/null 2>&1; then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  for d in kernels csrc; do
+    [ -e "dpdm_fast/$d" ] || { ln -s "../$d" "dpdm_fast/$d"; LINKED+=("dpdm_fast/$d"); }
+  done
+fi
+trap 'rm -f "${LINKED[@]}"' EXIT
+DPDM="python3 -m dpdm_fast.cli"
+
+BUDGET=${GPU_CHECK_BUDGET_S:-530}
+START=$(date +%s)
+: > "$OUT/summary.txt"
+# section NAME LIMIT_S COMMAND...: run it with what is left of the budget, log it, record its status
+section() {
+  local name=$1 limit=$2 left t0 rc
+  shift 2
+  left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -lt 15 ]; then
+    echo "$name SKIPPED (${left}s of the budget left)" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (at most ${limit}s)"
+  t0=$(date +%s)
+  timeout --signal=TERM --kill-after=15 "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  rc=$?
+  tail -n 4 "$OUT/$name.txt"
+  echo "$name rc=$rc $(( $(date +%s) - t0 ))s$([ $rc -eq 124 ] && echo ' (time limit)')" | tee -a "$OUT/summary.txt"
+}
+
+if [ $DRY -eq 1 ]; then
+  DEVICE=cpu
+  export DPDM_TEST_DEVICE=cpu TRITON_INTERPRET=1
+  PYTEST_MODE=(--collect-only -q)
+  TINY=(model.network.nf=8 "model.network.ch_mult=[1,2]" model.network.num_res_blocks=1
+        "model.network.attn_resolutions=[14]" loss.n_noise_samples=2 sampler.num_steps=3 dp.backend=torch)
+  PUBLISHED=(configs/mnist_28/train_eps_10.0.yaml "${TINY[@]}" dp.max_physical_batch_size=auto dp.memory_fraction=0.002)
+  GRID=(--device cpu --engines nonprivate,dpdm_fast,opacus_kavg --workloads small --grid 2x2 --repeats 1 --no-memory)
+  RUN=(configs/mnist_28/train_eps_10.0.yaml "${TINY[@]}" data.public_size=null train.batch_size=32 train.n_epochs=1
+       dp.delta=1e-3 dp.max_physical_batch_size=16 dp.n_splits=1 train.snapshot_freq=1000)
+  RUN_NCCL=("${RUN[@]}")
+  TRAIN_STEPS=(--max-steps 2)
+  SAMPLE=(--n 20 --steps 3 --batch 20)
+  AUDIT=(configs/audit/mnist_quick.yaml model.network.nf=4 train.batch_size=75 train.n_epochs=1
+         --canaries 40 --real-examples 60 --backend torch)
+else
+  DEVICE=cuda
+  unset TRITON_INTERPRET
+  export DPDM_TEST_DEVICE=cuda
+  PYTEST_MODE=(-q -rs)
+  PUBLISHED=(configs/mnist_28/train_eps_10.0.yaml dp.max_physical_batch_size=auto)
+  GRID=(--device cuda --engines nonprivate,dpdm_fast,dpdm_fast_triton,opacus_kavg --workloads mnist,celeba
+        --grid 64x32,256x32,1024x8 --repeats 3 --max-step-s 5)
+  RUN=(configs/mnist_28/quick_cpu.yaml)
+  RUN_NCCL=(configs/mnist_28/quick_cpu.yaml warmup.enabled=false)   # (the warm-up runs in one process only)
+  TRAIN_STEPS=()
+  SAMPLE=(--n 100)
+  AUDIT=(configs/audit/mnist_quick.yaml --backend triton)
+fi
+python3 -c "import opacus" 2>/dev/null || GRID=("${GRID[@]/opacus_kavg/nonprivate}")
+
+section 01_env 30 python3 - <<'PY'
+import importlib, shutil, subprocess, torch
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("GPU", p.name, f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.1f} GiB")
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        print(subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True).stdout.strip() or "driver: ?")
+else:
+    print("GPU none (CPU dry run)")
+for name in ("triton", "opacus", "omegaconf", "kornia"):
     try:
-        m = importlib.import_module(name); print(name, getattr(m, "__version__", "?"))
-    except Exception as e:
-        print(name, "MISSING:", e, "-> engines or tests needing it are reported as failed/skipped")
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:  # noqa: BLE001
+        print(name, "MISSING:", type(e).__name__, e)
+nvcc = shutil.which("nvcc")
+print("nvcc", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+      if nvcc else "not found")
 PY
-
-echo "== 1. correctness on the GPU (engine vs per-example loop and Opacus, rules vs loops) =="
-DPDM_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.txt"
-
-echo "== 2. GPU grid =="
-ENGINES=nonprivate,dpdm_fast,dpdm_fast_triton,functorch
-python3 -c "import opacus" 2>/dev/null && ENGINES=$ENGINES,opacus_kavg,opacus_ghost || echo "opacus missing: opacus_kavg and opacus_ghost NOT run"
-timeout 300 python3 -m dpdm_fast.cli bench --device cuda --engines "$ENGINES" --workloads mnist,celeba \
-  --grid 64x32,256x32,1024x8 --repeats 5 --out "$OUT" 2>&1 | tee "$OUT/bench_log.txt"
-
-echo "== 3. issue 8's (B, K) grid, both networks (DP / non-private per cell) =="
-GRID_ENGINES=nonprivate,dpdm_fast,dpdm_fast_triton
-python3 -c "import opacus" 2>/dev/null && GRID_ENGINES=$GRID_ENGINES,opacus_kavg
-timeout 200 python3 -m dpdm_fast.cli bench --device cuda --engines "$GRID_ENGINES" --workloads small,mnist \
-  --grid full --repeats 3 --no-memory --max-step-s 5 --out "$OUT/grid" 2>&1 | tee "$OUT/grid_log.txt"
-echo "wrote $OUT"
+section 02_kernels 100 python3 -m pytest -p no:cacheprovider "${PYTEST_MODE[@]}" tests/test_kernels.py \
+  tests/test_engine_triton.py tests/test_cuda_kernels.py tests/test_engine_fp16.py
+section 03_engine 70 python3 -m pytest -p no:cacheprovider "${PYTEST_MODE[@]}" tests/test_gpu.py
+section 04_published 80 $DPDM info "${PUBLISHED[@]}" --device $DEVICE
+section 05_grid 120 $DPDM bench "${GRID[@]}" --out "$OUT/grid"
+section 06_nccl 45 torchrun --standalone --nproc-per-node 1 -m dpdm_fast.cli train "${RUN_NCCL[@]}" \
+  data.path="$DATA/mnist" --workdir "$OUT/nccl" --device $DEVICE --max-steps 2 --no-progress
+section 07_train 130 $DPDM train "${RUN[@]}" data.path="$DATA/mnist" --workdir "$OUT/train" --device $DEVICE \
+  "${TRAIN_STEPS[@]}" --no-progress
+section 07_sample 25 $DPDM sample "$OUT/train/checkpoint.pt" "${SAMPLE[@]}" --device $DEVICE --no-progress \
+  --out "$OUT/train/samples.npz"
+section 08_audit 60 $DPDM audit "${AUDIT[@]}" data.path="$DATA/mnist" --device $DEVICE --no-progress \
+  --out "$OUT/audit"
+echo "total $(( $(date +%s) - START ))s; summary in $OUT/summary.txt"

@@ -43,6 +43,10 @@ def _print_pass_plan(cfg, plan, args: argparse.Namespace) -> None:
 
     passes = plan_passes(cfg, resolve_device(args.device), amp_mode(args.amp))
     print(passes.describe(plan.expected_batch_size, plan.steps_per_epoch, cfg.dp.n_splits))
+    measured, K = passes.planned, cfg.loss.n_noise_samples
+    step_s = passes.seconds_per_step(plan.expected_batch_size)
+    print(f"  the planned pass: {measured.examples * K / measured.seconds:,.0f} rows/s ({measured.examples} examples x "
+          f"K={K} in {measured.seconds:.2f} s); the run's {plan.total_steps} steps about {step_s * plan.total_steps / 3600:.1f} h")
     if cfg.dp.max_physical_batch_size != AUTO:
         configured = fixed_pass_size(cfg)
         step_s = passes.seconds_per_step(plan.expected_batch_size, configured)

@@ -70,7 +70,7 @@ class PassPlan:
             f"physical batch (dp.max_physical_batch_size: auto) on {self.device}: passes of {self.examples_per_pass} "
             f"examples (max_physical_batch_size = {self.examples_per_pass * n_splits} in {n_splits} split(s))",
             f"  memory: {self.bytes_per_example / 2**20:.1f} MiB per example + {self.fixed_bytes / 2**20:.0f} MiB "
-            f"fixed (fitted); {self.memory_fraction:.0%} of {self.free_bytes / gib:.1f} GiB free; a pass of "
+            f"fixed (fitted); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free; a pass of "
             f"{self.examples_per_pass} measured at {self.planned.peak_bytes / gib:.2f} GiB",
             f"  probe steps: " + ", ".join(f"{p.examples} examples: {p.peak_bytes / 2**20:.0f} MiB, {p.seconds:.2f} s"
                                            for p in self.probes + (self.planned,)),
