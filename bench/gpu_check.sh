@@ -88,7 +88,7 @@ if [ $DRY -eq 1 ]; then
   PYTEST_MODE=(--collect-only -q)
   TINY=(model.network.nf=8 "model.network.ch_mult=[1,2]" model.network.num_res_blocks=1
         "model.network.attn_resolutions=[14]" loss.n_noise_samples=2 sampler.num_steps=3 dp.backend=torch)
-  PUBLISHED=(configs/mnist_28/train_eps_10.0.yaml "${TINY[@]}" dp.max_physical_batch_size=auto dp.memory_fraction=0.002)
+  PUBLISHED=(configs/mnist_28/train_eps_10.0.yaml "${TINY[@]}" dp.max_physical_batch_size=auto dp.memory_fraction=0.01)
   GRID=(--device cpu --engines nonprivate,dpdm_fast,opacus_kavg --workloads small --grid 2x2 --repeats 1 --no-memory)
   RUN=(configs/mnist_28/train_eps_10.0.yaml "${TINY[@]}" data.public_size=null train.batch_size=32 train.n_epochs=1
        dp.delta=1e-3 dp.max_physical_batch_size=16 dp.n_splits=1 train.snapshot_freq=1000)

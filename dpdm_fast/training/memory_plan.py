@@ -181,7 +181,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     for _ in range(attempts):
         if candidate < 1:
             raise RuntimeError(
-                f"dp.max_physical_batch_size: auto: not even one example fits in {fraction:.0%} of the "
+                f"dp.max_physical_batch_size: auto: not even one example fits in {fraction * 100:g}% of the "
                 f"{free / 2**30:.2f} GiB free on {device} ({per_example / 2**20:.0f} MiB per example + "
                 f"{fixed / 2**20:.0f} MiB fixed): free memory, raise dp.memory_fraction, or lower "
                 "loss.n_noise_samples or the network's size")

@@ -32,7 +32,7 @@ def composed_epsilon(accountant: str, history: list[tuple[float, float, int]], d
         # Opacus's RDPAccountant.get_privacy_spent, term for term, with each entry's RDP curve cached: the
         # calibration's bisection re-composes the same releases dozens of times (a warm-up release at
         # q=0.5 costs ~0.4 s per curve), and only the DP-SGD entry changes between its evaluations
-        rdp = sum([_rdp_curve(*map(float, e[:2]), int(e[2])) for e in history])
+        rdp = sum([_rdp_curve(sigma, q, steps) for sigma, q, steps in history])
         with quiet_accountant():
             eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
         return float(eps)
