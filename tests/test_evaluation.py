@@ -193,9 +193,10 @@ def test_fewer_samples_than_the_protocol_warn_and_say_so(tmp_path):
 
 
 # -- the downstream protocol and the DP baseline on real MNIST ------------------------------------
+@pytest.mark.slow
 def test_the_protocol_cnn_trained_on_the_real_training_set_reads_97_percent_after_2_epochs(mnist):
     """The real-as-synthetic check, with the released evaluation's defaults (inputs in [-1, 1], a fixed
-    order): the 60,000 real training images in place of samples."""
+    order): the 60,000 real training images in place of samples (about a minute on 2 cores: slow)."""
     (x, y), (xt, yt), _ = mnist
     result = train_downstream("cnn", x, y, xt, yt, epochs=2, seed=0, progress=False)
     assert (result.input_range, result.shuffle) == ("minus_one_one", "fixed")
