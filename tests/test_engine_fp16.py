@@ -25,16 +25,21 @@ def fixed_scaler(scale: float) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**9)
 
 
-def dp_update(scaler=None, fp16=False, C=0.05, noise=0.0, weights=None, examples=slice(None), attach=True):
+def dp_update(scaler=None, fp16=False, C=0.05, noise=0.0, weights=None, examples=slice(None), attach=True,
+              per_pass=True):
     """p.grad after one DP step of the DPDM network on B examples x K rows (SGD at lr 0: p.grad is the update),
     the collector's overflow count after the backward, and the per-example norms. ``weights``: a factor per
-    example on its rows' losses; ``examples``: the examples in the batch (the expected batch size stays B)."""
+    example on its rows' losses; ``examples``: the examples in the batch (the expected batch size stays B).
+    ``per_pass``: the scaled loss is the sum over rows / (B K) (attached with examples_per_pass=B, the
+    trainer's way); else the mean over this pass's rows."""
     net = mnist_net()
     pm = PrivateModule(net, noise_multiplicity=K, max_grad_norm=C)
     opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), pm.collector, noise_multiplier=noise,
                       expected_batch_size=B, generator=torch.Generator().manual_seed(7))
     if scaler is not None and attach:
-        opt.attach_grad_scaler(scaler)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if not per_pass else "error")
+            opt.attach_grad_scaler(scaler, examples_per_pass=B if per_pass else None)
     loss, (clean, sigma, eps, y) = dpdm_rows(B, K)
     rows = torch.arange(B * K).view(B, K)[examples].flatten()
     autocast = torch.autocast("cpu", dtype=torch.float16) if fp16 else contextlib.nullcontext()
@@ -42,7 +47,7 @@ def dp_update(scaler=None, fp16=False, C=0.05, noise=0.0, weights=None, examples
         losses = row_losses(loss, pm, clean[rows], sigma[rows], eps[rows], y[rows]).float()
     if weights is not None:
         losses = losses * torch.as_tensor(weights, dtype=torch.float32)[examples].repeat_interleave(K)
-    total = losses.mean()
+    total = losses.sum() / (B * K) if scaler is not None and per_pass else losses.mean()
     (scaler.scale(total) if scaler is not None else total).backward()
     overflowed, norms = int(pm.collector.overflowed_examples), pm.collector.last_norms.clone()
     if scaler is not None:
@@ -91,6 +96,36 @@ def test_an_overflowing_example_contributes_zero_the_step_counts_and_the_scale_d
     assert scaler.get_scale() == 2.0**16                   # told no overflow: no data-dependent backoff
 
 
+def test_whether_an_example_overflows_does_not_depend_on_the_size_of_its_pass():
+    """A pass's size follows the Poisson batch's, a function of the data. Divided by the public
+    examples_per_pass, an example alone in its pass overflows exactly when it does among others; divided by
+    its pass's own size (the plain mean), an example that fits among 3 overflows alone."""
+    def overflows(weight, examples, per_pass):
+        return dp_update(fixed_scaler(2.0**16), fp16=True, weights=[weight, 1.0, 1.0], examples=examples,
+                         per_pass=per_pass)[1] > 0
+    weight = 1.0
+    while not overflows(weight * 2, slice(None), True):     # the largest power of 2 that still fits among 3
+        weight *= 2
+        assert weight < 2.0**60
+    assert weight > 1                                        # (the network fits at least its own loss)
+    assert not overflows(weight, slice(0, 1), True)          # alone in its pass: the same verdict
+    assert overflows(weight * 2, slice(0, 1), True)
+    assert overflows(weight, slice(0, 1), False)             # the plain mean over a pass of 1: 3x the scale
+
+
+def test_without_examples_per_pass_the_mean_loss_is_warned_about():
+    net = nn.Linear(4, 3)
+    pm = PrivateModule(net, max_grad_norm=1.0)
+    opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), pm.collector, noise_multiplier=1.0,
+                      expected_batch_size=4)
+    with pytest.warns(UserWarning, match="depends on the data"):
+        opt.attach_grad_scaler(fixed_scaler(2.0**10))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            opt.attach_grad_scaler(fixed_scaler(2.0**10), examples_per_pass=bad)
+
+
+@pytest.mark.filterwarnings("ignore:attach_grad_scaler without examples_per_pass")
 def test_the_privacy_engine_counts_an_overflowing_step():
     from dpdm_fast.engine import PrivacyEngine
     torch.manual_seed(0)
@@ -114,6 +149,7 @@ def test_the_privacy_engine_counts_an_overflowing_step():
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
+@pytest.mark.filterwarnings("ignore:attach_grad_scaler without examples_per_pass")
 def test_grad_scaler_misuse_is_refused():
     net = nn.Linear(4, 3)
     pm = PrivateModule(net, max_grad_norm=1.0)

@@ -19,8 +19,8 @@ def _on_device(rows):
 
 def _engine_update(net, loss, rows, K, C, expected, autocast=False, backend="auto", scaler=None):
     pm, opt = zero_noise_engine(net, K, C, expected, backend=backend)
-    if scaler is not None:
-        opt.attach_grad_scaler(scaler)
+    if scaler is not None:   # one pass of all the examples: its mean is the sum over them / examples_per_pass
+        opt.attach_grad_scaler(scaler, examples_per_pass=len(rows[0]) // K)
     dtype = torch.float16 if scaler is not None else torch.bfloat16
     with torch.autocast("cuda", dtype=dtype, enabled=autocast):
         losses = row_losses(loss, pm, *rows)

@@ -308,7 +308,7 @@ class Trainer:
         self.loss_scaler = None
         if self.amp == "fp16":   # a fixed scale: under DP it never backs off (see DPOptimizer.attach_grad_scaler)
             self.loss_scaler = torch.amp.GradScaler(self.device.type, init_scale=FP16_LOSS_SCALE, growth_interval=10**9)
-            self.optimizer.attach_grad_scaler(self.loss_scaler)
+            self.optimizer.attach_grad_scaler(self.loss_scaler, examples_per_pass=self.physical_batch_size)
         if self.loader.sample_rate != plan.sample_rate:   # the accountant is told exactly the sampler's rate
             raise RuntimeError(f"internal: loader samples at {self.loader.sample_rate}, plan says {plan.sample_rate}")
         if self.optimizer.expected_batch_size != plan.divisor:
@@ -460,10 +460,14 @@ class Trainer:
         if len(x) == 0:      # an empty Poisson batch is still a step (pure noise): backward through nothing
             losses.sum().backward()
             return
-        loss = losses.float().mean()
-        # fp16: the engine divides each example's gradient by the scale before clipping; the scale is fixed,
-        # so the plain optimizer.step() applies it (GradScaler.step/update would change nothing)
-        (self.loss_scaler.scale(loss) if self.loss_scaler is not None else loss).backward()
+        if self.loss_scaler is None:
+            losses.float().mean().backward()
+        else:
+            # fp16: the engine divides each example's gradient by scale / physical_batch_size before clipping.
+            # Divided by that public size, not by this pass's (which follows the Poisson batch's size), an
+            # example's scaled gradient, and whether it overflows, depend on the example alone. The scale is
+            # fixed, so the plain optimizer.step() applies it (GradScaler.step/update would change nothing).
+            self.loss_scaler.scale(losses.float().sum() / self.physical_batch_size).backward()
         norms = self.private.collector.last_norms
         stats.add_batch(float(losses.detach().float().sum()), len(x), float(norms.sum()),
                         int((norms > self.plan.max_grad_norm).sum()))

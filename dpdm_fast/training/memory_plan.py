@@ -117,7 +117,8 @@ def probe_step(cfg: DictConfig, device: torch.device, examples: int, amp: str | 
     optimizer = DPOptimizer(build_optimizer(cfg, model.parameters()), private.collector, noise_multiplier=1.0,
                             expected_batch_size=examples)
     if amp == "fp16":
-        optimizer.attach_grad_scaler(torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_interval=10**9))
+        optimizer.attach_grad_scaler(torch.amp.GradScaler(device.type, init_scale=2.0**16, growth_interval=10**9),
+                                     examples_per_pass=examples)
     loss_fn = build_loss(**cfg.loss)
     data = cfg.data
     x = torch.zeros(examples, data.num_channels, data.resolution, data.resolution, device=device)
@@ -127,7 +128,7 @@ def probe_step(cfg: DictConfig, device: torch.device, examples: int, amp: str | 
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(private, x, y, generator=generator).float().mean()
+            loss = loss_fn(private, x, y, generator=generator).float().mean()   # = sum / examples (the trainer's)
         (optimizer.grad_scaler.scale(loss) if optimizer.grad_scaler is not None else loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

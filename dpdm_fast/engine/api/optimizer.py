@@ -75,9 +75,16 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
     def attach_step_hook(self, fn: Callable[["DPOptimizer"], None]) -> None:
         self.step_hooks.append(fn)
 
-    def attach_grad_scaler(self, scaler: "torch.amp.GradScaler") -> None:
+    def attach_grad_scaler(self, scaler: "torch.amp.GradScaler", *, examples_per_pass: int | None = None) -> None:
         """fp16 autocast with loss scaling: train with ``scaler.scale(loss).backward()``,
         ``scaler.step(optimizer)``, ``scaler.update()`` as usual, after attaching the scaler here.
+
+        ``examples_per_pass`` (loss_reduction 'mean'; recommended): a public number P, typically the largest
+        physical batch; the loss of every backward is then ``per_example_losses.sum() / P`` (not the mean
+        over the pass), so each example's scaled fp16 gradient is its gradient times scale / P whatever the
+        pass's size. With the plain mean it is scaled by scale / n, n the examples of its pass: n follows the
+        Poisson batch's size, a function of the data, and so would whether an example overflows (and is
+        zeroed, below), which a record's presence could then change for the others: a warning says so.
 
         Each backward divides its per-example gradients by the scaler's scale before their norms are
         taken, so they are clipped at max_grad_norm unscaled, and the noise is added at the unscaled
@@ -93,12 +100,24 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
             raise TypeError(f"expected a torch.amp.GradScaler, got {type(scaler).__name__}")
         if self.collector.holds_examples:
             raise RuntimeError("attach the GradScaler between steps, not after a backward of the current step")
+        if examples_per_pass is not None:
+            if self.loss_reduction != "mean":
+                raise ValueError("examples_per_pass divides a 'mean' loss; with loss_reduction 'sum' each example's "
+                                 "scaled gradient is already its gradient times the scale")
+            if isinstance(examples_per_pass, bool) or not isinstance(examples_per_pass, int) or examples_per_pass < 1:
+                raise ValueError(f"examples_per_pass must be a positive integer, got {examples_per_pass!r}")
+        elif self.loss_reduction == "mean":
+            warnings.warn("attach_grad_scaler without examples_per_pass: the loss is the mean over each pass, so "
+                          "whether an example's fp16 gradient overflows (and is zeroed) depends on how many "
+                          "examples share its pass, which depends on the data. Pass examples_per_pass=P and "
+                          "backpropagate scaler.scale(per_example_losses.sum() / P)", stacklevel=2)
         if scaler.is_enabled() and scaler.get_growth_interval() < 10**6:
             warnings.warn(f"this GradScaler grows its scale by {scaler.get_growth_factor()} every "
                           f"{scaler.get_growth_interval()} steps and, under DP, never backs off (a backoff would "
                           "depend on the private data): examples whose scaled gradient overflows contribute zero. "
                           "Prefer a fixed scale: GradScaler(init_scale=..., growth_interval=10**9)", stacklevel=2)
         self.grad_scaler = self.collector.loss_scaler = scaler
+        self.collector.scaled_loss_divisor = examples_per_pass
 
     def check_loss_scale(self, grad_scale) -> None:
         """A GradScaler steps this optimizer: the step's gradients must have been unscaled by its scale."""

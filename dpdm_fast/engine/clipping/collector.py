@@ -54,6 +54,9 @@ class GroupGradientCollector:
         # overflowed (zeroed; a statistic of the private data: never log or save it).
         self.loss_scaler = None
         self.loss_scales: set[float] = set()
+        # the public number of examples a 'mean' loss is divided by under loss scaling (None: each pass's own
+        # count, which depends on the data, and so does which example overflows; see attach_grad_scaler)
+        self.scaled_loss_divisor: int | None = None
         self.overflowed_examples: torch.Tensor | int = 0
         # ids of the trainable parameters of the current step (the user may freeze some between steps)
         self.active: frozenset = frozenset(id(p) for p in layout.params)
@@ -226,6 +229,8 @@ class GroupGradientCollector:
         # loss did not touch (or frozen ones) have zero gradient: they add nothing to norms or sums.
         scale = (self._rows if self.loss_reduction == "mean" else 1) / self.K
         if self.loss_scaler is not None:   # exact for GradScaler's powers of two
+            if self.scaled_loss_divisor is not None:
+                scale = float(self.scaled_loss_divisor)
             scale /= self._loss_scale()
         self._pending, overflowed = self._buffer.clip_job(
             B, written, scale, self.max_grad_norm, self.backend, self._layer_bounds,
