@@ -157,8 +157,9 @@ def test_grad_scaler_misuse_is_refused():
                       expected_batch_size=4)
     with pytest.raises(TypeError, match="GradScaler"):
         opt.attach_grad_scaler(object())
-    with pytest.warns(UserWarning, match="never backs off"):
-        opt.attach_grad_scaler(torch.amp.GradScaler("cpu"))      # the default: grows every 2000 steps
+    with pytest.raises(ValueError, match="depends on the data"):
+        opt.attach_grad_scaler(torch.amp.GradScaler("cpu"))      # the default: grows every 2000 update() calls
+    assert opt.grad_scaler is None
     opt.attach_grad_scaler(fixed_scaler(2.0**10))
     other = fixed_scaler(2.0**12)          # the loss scaled by another scaler than the attached one
     other.scale(pm(torch.randn(4, 4)).pow(2).mean()).backward()

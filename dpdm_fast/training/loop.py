@@ -159,6 +159,10 @@ class Trainer:
         self.ckpt_path = self.workdir / CHECKPOINT
         self.private_note: str | None = None   # why a resume found no private resume state (rank 0 only)
         saved = self._checkpoint_on_every_rank(resume)
+        # The memory probe runs before the private data is loaded: the free memory it reads, and so the pass
+        # size (saved in the checkpoint, printed), must not depend on the dataset's size.
+        self.pass_plan: PassPlan | None = None   # dp.max_physical_batch_size: auto, probed by this run
+        self.physical_batch_size = self._pass_size(saved)
 
         self.dataset = self._training_dataset()
         dp, public_size = cfg.dp, cfg.data.public_size
@@ -168,8 +172,6 @@ class Trainer:
                                               epsilon=dp.epsilon, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
                                               accountant=dp.accountant, size_is_public=public_size is not None,
                                               releases=planned_releases(cfg))
-        self.pass_plan: PassPlan | None = None   # dp.max_physical_batch_size: auto, probed by this run
-        self.physical_batch_size = self._pass_size(saved)
         if max_steps is not None and not 1 <= max_steps <= self.plan.total_steps:
             raise ValueError(f"--max-steps {max_steps}: the schedule has {self.plan.total_steps} steps "
                              f"({cfg.train.n_epochs} epochs of {self.plan.steps_per_epoch})")

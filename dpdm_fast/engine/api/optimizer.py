@@ -92,9 +92,9 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
         overflowed would release, without noise, whether the batch held such an example. That example's
         gradient is replaced by zero instead (still a function of the example alone, of norm <= max_grad_norm,
         so the step is an ordinary, counted DP-SGD step), and the scaler is told that no step overflowed,
-        so its scale never depends on the private data: it stays fixed, or grows on its own schedule and
-        never backs off. Use a fixed scale (``GradScaler(init_scale=2.0**16, growth_interval=10**9)``) small
-        enough for the network; ``collector.overflowed_examples`` counts the zeroed examples of a step (a
+        so its scale never depends on the private data: it stays fixed (a growing scaler is refused: its
+        growth counts update() calls, whose number depends on the data). Use a fixed scale
+        (``GradScaler(init_scale=2.0**16, growth_interval=10**9)``) small enough for the network; ``collector.overflowed_examples`` counts the zeroed examples of a step (a
         statistic of the private data: for debugging, never to be logged or released)."""
         if not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"expected a torch.amp.GradScaler, got {type(scaler).__name__}")
@@ -111,11 +111,13 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
                           "whether an example's fp16 gradient overflows (and is zeroed) depends on how many "
                           "examples share its pass, which depends on the data. Pass examples_per_pass=P and "
                           "backpropagate scaler.scale(per_example_losses.sum() / P)", stacklevel=2)
-        if scaler.is_enabled() and scaler.get_growth_interval() < 10**6:
-            warnings.warn(f"this GradScaler grows its scale by {scaler.get_growth_factor()} every "
-                          f"{scaler.get_growth_interval()} steps and, under DP, never backs off (a backoff would "
-                          "depend on the private data): examples whose scaled gradient overflows contribute zero. "
-                          "Prefer a fixed scale: GradScaler(init_scale=..., growth_interval=10**9)", stacklevel=2)
+        if scaler.is_enabled() and scaler.get_growth_factor() != 1 and scaler.get_growth_interval() < 10**9:
+            # growth counts update() calls, one per physical batch in the usual loop: their number follows the
+            # Poisson batches' sizes, so the scale, and which examples overflow, would depend on the data
+            raise ValueError(f"this GradScaler grows its scale by {scaler.get_growth_factor()} every "
+                             f"{scaler.get_growth_interval()} update() calls, whose number depends on the data "
+                             "(one per physical batch): use a fixed scale, "
+                             "GradScaler(init_scale=..., growth_interval=10**9)")
         self.grad_scaler = self.collector.loss_scaler = scaler
         self.collector.scaled_loss_divisor = examples_per_pass
 
