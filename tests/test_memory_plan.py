@@ -36,6 +36,22 @@ def test_the_plan_is_the_largest_pass_that_fits_and_a_pass_of_that_size_does_fit
     assert f"passes of {plan.examples_per_pass} examples" in text and "measured at the planned size" in text
 
 
+def test_no_pass_is_planned_larger_than_the_expected_batch(data, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": "", "train.batch_size": 6})
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: 2**50)     # a PiB free: memory is no limit
+    plan = memory_plan.plan_passes(cfg, CPU)
+    assert plan.examples_per_pass == plan.planned.examples == 6
+
+
+def test_a_probe_that_does_not_grow_with_the_batch_is_a_clear_error(data, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": ""})
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: 2**40)
+    monkeypatch.setattr(memory_plan, "probe", lambda cfg, device, examples, amp=None, repeats=2:
+                        memory_plan.Probe(examples, 2**30, 1.0))     # the same peak at every size
+    with pytest.raises(RuntimeError, match="cannot be measured"):
+        memory_plan.plan_passes(cfg, CPU)
+
+
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):
     cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto"})
     monkeypatch.setattr(memory_plan, "free_memory", lambda device: 1000)

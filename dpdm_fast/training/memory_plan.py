@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -160,7 +161,7 @@ def _probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     del holder
-    return Probe(examples, peak, sorted(times)[len(times) // 2])
+    return Probe(examples, peak, statistics.median(times))
 
 
 def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
@@ -174,11 +175,18 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
         raise ValueError(f"probe sizes {small}, {large}: need 1 <= small < large")
     free = free_memory(device)
     probes = (probe(cfg, device, small, amp), probe(cfg, device, large, amp))
-    per_example = max((probes[1].peak_bytes - probes[0].peak_bytes) / (large - small), 1.0)
+    if probes[1].peak_bytes <= probes[0].peak_bytes:
+        raise RuntimeError(f"dp.max_physical_batch_size: auto: the probe of {large} examples peaked at "
+                           f"{probes[1].peak_bytes / 2**20:.0f} MiB, not above the probe of {small} "
+                           f"({probes[0].peak_bytes / 2**20:.0f} MiB): the memory per example cannot be measured "
+                           f"on {device} (another process allocating?): set dp.max_physical_batch_size to a number")
+    per_example = (probes[1].peak_bytes - probes[0].peak_bytes) / (large - small)
     fixed = max(probes[0].peak_bytes - small * per_example, 0.0)
     fraction = float(cfg.dp.memory_fraction)
     budget = fraction * free
-    candidate = math.floor((budget - fixed) / per_example)
+    # no pass larger than the expected batch (public): larger passes would only serve a Poisson excess, and
+    # the verification step would run at a size training never reaches
+    candidate = min(math.floor((budget - fixed) / per_example), int(cfg.train.batch_size))
     for _ in range(attempts):
         if candidate < 1:
             raise RuntimeError(
