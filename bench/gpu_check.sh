@@ -111,7 +111,7 @@ else
   SAMPLE=(--n 100)
   AUDIT=(configs/audit/mnist_quick.yaml --backend triton)
 fi
-python3 -c "import opacus" 2>/dev/null || GRID=("${GRID[@]/opacus_kavg/nonprivate}")
+python3 -c "import opacus" 2>/dev/null || GRID=("${GRID[@]/,opacus_kavg/}")   # (without Opacus: its column dropped)
 
 section 01_env 30 python3 - <<'PY'
 import importlib, shutil, subprocess, torch

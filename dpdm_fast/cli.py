@@ -145,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .benchmarks import ENGINES, WORKLOADS
-    from .benchmarks.report import write_outputs
+    from .benchmarks.report import write_json, write_outputs
     from .benchmarks.runner import CPU_QUICK_GRID, GPU_GRID, run_grid
 
     warnings.filterwarnings("ignore")
@@ -162,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     grid = args.grid or (GPU_GRID if args.device.startswith("cuda") else CPU_QUICK_GRID)
     result = run_grid(engines, workloads, grid, repeats=args.repeats, device=args.device, threads=args.threads,
                       memory=not args.no_memory, isolate=args.isolate, max_step_s=args.max_step_s,
-                      max_rows=args.max_rows)
+                      max_rows=args.max_rows, on_row=lambda partial: write_json(partial, Path(args.out)))
     paths = write_outputs(result, Path(args.out))
     print(paths["table"].read_text())
     print(f"wrote {paths['json']}, {paths['table']}" + (f", {paths['plot']}" if paths["plot"] else ""))

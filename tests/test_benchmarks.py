@@ -73,8 +73,10 @@ def test_grid_reports_too_slow_and_too_big_cells_instead_of_running_them(tmp_pat
     monkeypatch.setattr(runner.Budget, "_memory_estimate",
                         lambda self, w, e, B, K, params: 10 * 2**30 if e == "opacus_kavg" and B * K > 2 else 0)
     monkeypatch.setattr(runner, "_available_bytes", lambda: 8 * 2**30)
+    partial = []     # what a run cut off after each row has kept (the GPU script's grid runs under a limit)
     result = run_grid(["nonprivate", "dpdm_fast", "opacus_kavg"], ["small"], [(2, 2), (1, 2), (64, 32)],
-                      repeats=1, memory=False, max_step_s=2.0, log=lambda *a: None)
+                      repeats=1, memory=False, max_step_s=2.0, log=lambda *a: None, on_row=partial.append)
+    assert [len(p["cells"]) for p in partial] == [3, 6, 9] and partial[-1] == result
     by = {(c["B"], c["K"], c["engine"]): c for c in result["cells"]}
     assert [(c["B"], c["K"]) for c in result["cells"]][::3] == [(1, 2), (2, 2), (64, 32)]  # by rows
     assert by[(1, 2, "opacus_kavg")]["status"] == "ok"

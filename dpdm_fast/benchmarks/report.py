@@ -151,9 +151,16 @@ def plot(result: dict, path: Path) -> Path | None:
     return path
 
 
-def write_outputs(result: dict, out_dir: Path) -> dict:
+def write_json(result: dict, out_dir: Path) -> Path:
+    """results.json alone (written after each row of a grid, so a run cut off keeps what it measured)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def write_outputs(result: dict, out_dir: Path) -> dict:
+    write_json(result, out_dir)
     table = markdown_table(result)
     (out_dir / "results.md").write_text(table)
     png = plot(result, out_dir / "results.png")

@@ -116,15 +116,22 @@ def remeasure_memory(result: dict, threads: int = 2, log=print) -> dict:
 def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tuple[int, int]], *,
              repeats: int = 5, device: str = "cpu", threads: int = 2, memory: bool = True,
              isolate: bool = False, max_step_s: float | None = None, max_rows: int | None = None,
-             log=print) -> dict:
+             log=print, on_row=None) -> dict:
     """Time (and measure memory of) every engine on every cell. ``isolate``: each timed step in a
     fresh process of its own engine (slower to run; closer to a real one-engine training process).
     Cells run in order of rows (B*K); an engine whose step would exceed ``max_step_s`` seconds or the
-    machine's memory (see ``Budget``) is reported as not run, with the estimate."""
+    machine's memory (see ``Budget``) is reported as not run, with the estimate. ``on_row(result)``:
+    called with the result so far after each (workload, B, K) row, so a run cut off keeps what it reached."""
     engines, workloads = list(engines), list(workloads)
     grid = sorted(grid, key=lambda c: (c[0] * c[1], c[0]))
     torch.set_num_threads(threads)
     budget = Budget(max_step_s, device, threads, max_rows)
+    machine = machine_info(device, threads)
+
+    def result(cells: list[dict]) -> dict:
+        return {"machine": machine, "engines": engines, "repeats": repeats,
+                "timing": "isolated processes" if isolate else "interleaved in one process",
+                "max_step_s": max_step_s, "max_rows": max_rows, "cells": list(cells)}
     cells = []
     for w in workloads:
         params = sum(p.numel() for p in WORKLOADS[w].make_net().parameters())
@@ -157,6 +164,6 @@ def run_grid(engines: Iterable[str], workloads: Iterable[str], grid: Iterable[tu
                 row.append(cell)
             derive_ratios(row)
             cells += row
-    return {"machine": machine_info(device, threads), "engines": engines, "repeats": repeats,
-            "timing": "isolated processes" if isolate else "interleaved in one process",
-            "max_step_s": max_step_s, "max_rows": max_rows, "cells": cells}
+            if on_row is not None:
+                on_row(result(cells))
+    return result(cells)
