@@ -44,7 +44,7 @@ from .optimizers import build_optimizer
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
 from .private_files import (data_check, data_key, mark_released, read_resume_state, released_step,
                             write_resume_state)
-from .ranks import Ranks, backend_name, barrier, broadcast_from_main, gather_objects, seed_for_rank
+from .ranks import Ranks, backend_name, barrier, gather_objects, result_from_main, seed_for_rank
 from .warm_start import WarmStart, planned_releases, warmup_started
 
 CHECKPOINT = "checkpoint.pt"
@@ -186,11 +186,11 @@ class Trainer:
             return fixed_pass_size(self.cfg)
         if saved is not None and saved.get("examples_per_pass"):
             return int(saved["examples_per_pass"])
-        size = None
-        if self.ranks.is_main:
+
+        def plan() -> int:
             self.pass_plan = plan_passes(self.cfg, self.device, self.amp)
-            size = self.pass_plan.examples_per_pass
-        return broadcast_from_main(size) if self.ranks.distributed else size
+            return self.pass_plan.examples_per_pass
+        return result_from_main(self.ranks, plan)
 
     def _training_dataset(self):
         """The private training set (the audit's trainer adds its canaries here)."""
@@ -201,20 +201,10 @@ class Trainer:
     def _checkpoint_on_every_rank(self, resume: bool) -> dict | None:
         """Rank 0 checks the workdir and reads the checkpoint; every rank gets it (or rank 0's error), so
         the other nodes need no shared disk and all ranks fail alike."""
-        if not self.ranks.distributed:
+        def read() -> dict | None:
             _check_writable(self.workdir)
             return self._existing_checkpoint(resume)
-        outcome = None
-        if self.ranks.is_main:
-            try:
-                _check_writable(self.workdir)
-                outcome = ("ok", self._existing_checkpoint(resume))
-            except Exception as e:   # noqa: BLE001 (whatever it is, the other ranks must not wait for rank 0)
-                outcome = ("error", e)
-        kind, value = broadcast_from_main(outcome)
-        if kind == "error":
-            raise value
-        return value
+        return result_from_main(self.ranks, read)
 
     def _existing_checkpoint(self, resume: bool) -> dict | None:
         exists = self.ckpt_path.exists()

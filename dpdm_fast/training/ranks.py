@@ -134,6 +134,23 @@ def gather_objects(obj) -> list:
     return out
 
 
+def result_from_main(ranks: "Ranks", compute):
+    """``compute()`` on rank 0, its result on every rank; its exception is raised on every rank (the other
+    ranks must not wait at the broadcast for a rank 0 that failed). One process: just ``compute()``."""
+    if not ranks.distributed:
+        return compute()
+    outcome = None
+    if ranks.is_main:
+        try:
+            outcome = ("ok", compute())
+        except Exception as e:   # noqa: BLE001 (whatever it is, every rank fails alike)
+            outcome = ("error", e)
+    kind, value = broadcast_from_main(outcome)
+    if kind == "error":
+        raise value
+    return value
+
+
 def broadcast_from_main(obj):
     """Rank 0's ``obj`` on every rank (e.g. the checkpoint it read: the other nodes need no shared disk)."""
     box = [obj]
