@@ -38,16 +38,21 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-cd "$(dirname "$0")/.."
+START=$(date +%s)     # the budget counts from here: the wheel install below is part of it
+# OUT and --data are relative to the caller's folder, resolved before moving to the checkout's root
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -n "$DATA" ]; then
+  DATA=$(cd "$DATA" 2>/dev/null && pwd) || { echo "no data folder $DATA (--data DIR, holding mnist/)" >&2; exit 2; }
+fi
+cd "$(dirname "$0")/.."
 if [ -z "$DATA" ]; then
   if [ -d shared/data/mnist ]; then DATA=shared/data; else DATA=../shared/data; fi
+  DATA=$(cd "$DATA" 2>/dev/null && pwd) || { echo "no data folder $DATA (--data DIR, holding mnist/)" >&2; exit 2; }
 fi
-DATA=$(cd "$DATA" 2>/dev/null && pwd) || { echo "no data folder $DATA (--data DIR, holding mnist/)" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
 fi
 # A plain checkout (the device machine): the package from here, kernels/ and csrc/ linked in as installed
@@ -58,11 +63,10 @@ if ! python3 -c "import dpdm_fast.kernels, dpdm_fast.csrc" >/dev/null 2>&1; then
     [ -e "dpdm_fast/$d" ] || { ln -s "../$d" "dpdm_fast/$d"; LINKED+=("dpdm_fast/$d"); }
   done
 fi
-trap 'rm -f "${LINKED[@]}"' EXIT
+trap 'rm -f ${LINKED[@]+"${LINKED[@]}"}' EXIT
 DPDM="python3 -m dpdm_fast.cli"
 
 BUDGET=${GPU_CHECK_BUDGET_S:-530}
-START=$(date +%s)
 : > "$OUT/summary.txt"
 # section NAME LIMIT_S COMMAND...: run it with what is left of the budget, log it, record its status
 section() {
@@ -142,7 +146,7 @@ section 05_grid 120 $DPDM bench "${GRID[@]}" --out "$OUT/grid"
 section 06_nccl 45 torchrun --standalone --nproc-per-node 1 -m dpdm_fast.cli train "${RUN_NCCL[@]}" \
   data.path="$DATA/mnist" --workdir "$OUT/nccl" --device $DEVICE --max-steps 2 --no-progress
 section 07_train 130 $DPDM train "${RUN[@]}" data.path="$DATA/mnist" --workdir "$OUT/train" --device $DEVICE \
-  "${TRAIN_STEPS[@]}" --no-progress
+  ${TRAIN_STEPS[@]+"${TRAIN_STEPS[@]}"} --no-progress
 section 07_sample 25 $DPDM sample "$OUT/train/checkpoint.pt" "${SAMPLE[@]}" --device $DEVICE --no-progress \
   --out "$OUT/train/samples.npz"
 section 08_audit 60 $DPDM audit "${AUDIT[@]}" data.path="$DATA/mnist" --device $DEVICE --no-progress \
