@@ -5,9 +5,11 @@ The probe builds the configured network, loss and optimizer on the device, wraps
 example, backward with per-example gradients, clip, noise, optimizer) at two small numbers of examples,
 measuring each step's peak memory and time. Memory grows linearly with the examples of a pass (rows,
 activations, the per-example buffer), so the two peaks give the bytes per example and the fixed part
-(a second copy of the model and its optimizer state: a conservative margin); the plan is the largest
-pass that fits in ``dp.memory_fraction`` of the memory free when it is measured (GPU:
-``torch.cuda.mem_get_info``; CPU: the kernel's MemAvailable).
+(the probe's own model, engine and optimizer state, standing for the training run's, which is built
+after the probe; the run's EMA copy is not measured: ``dp.memory_fraction``'s margin covers it, a few MiB
+for the published networks); the plan is the largest pass that fits in ``dp.memory_fraction`` of the
+memory free when it is measured (GPU: ``torch.cuda.mem_get_info``; CPU: the kernel's MemAvailable,
+which does not see a container's cgroup limit: inside a smaller container, set a number instead).
 
 Privacy: the probe's images are zeros and its labels 0; nothing of the private data is read, so the
 pass size depends on the device and the config only (and the physical batching never changes the
