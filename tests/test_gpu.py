@@ -13,6 +13,15 @@ pytestmark = pytest.mark.skipif(not (DEVICE.startswith("cuda") and torch.cuda.is
                                 reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def fp32_without_tf32():
+    """Every test's fp32 is true fp32 (TF32 off, as on the CPU), restored after it: no test depends on order."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _on_device(rows):
     return tuple(None if r is None else r.to(DEVICE) for r in rows)
 
@@ -40,7 +49,6 @@ def _engine_update(net, loss, rows, K, C, expected, autocast=False, backend="aut
 
 @pytest.mark.parametrize("B,K", [(4, 4), (16, 8)])
 def test_dpdm_net_on_gpu_matches_per_example_loop(B, K):
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     net = mnist_net().to(DEVICE)
     loss, rows = dpdm_rows(B, K)
     rows = _on_device(rows)
@@ -51,7 +59,6 @@ def test_dpdm_net_on_gpu_matches_per_example_loop(B, K):
 
 def test_dpdm_net_on_gpu_matches_opacus():
     pytest.importorskip("opacus")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     net = mnist_net().to(DEVICE)
     loss, rows = dpdm_rows(4, 4)
     rows = _on_device(rows)
@@ -83,7 +90,6 @@ def test_every_backend_on_the_published_networks_matches_the_per_example_loop(ba
         reason = unavailable_reason()
         if reason is not None:
             pytest.skip(reason)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     net = (mnist_net() if network == "mnist" else celeba_net()).to(DEVICE)
     channels, size = (1, 28) if network == "mnist" else (3, 32)
     loss, rows = dpdm_rows(4, 4, channels=channels, size=size, labels=network == "mnist")
