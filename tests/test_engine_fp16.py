@@ -113,11 +113,17 @@ def test_whether_an_example_overflows_does_not_depend_on_the_size_of_its_pass():
     assert overflows(weight, slice(0, 1), False)             # the plain mean over a pass of 1: 3x the scale
 
 
-def test_without_examples_per_pass_the_mean_loss_is_warned_about():
+def linear_engine():
+    """A Linear(4, 3) behind the engine, its DP optimizer (SGD, expected batch 4)."""
     net = nn.Linear(4, 3)
     pm = PrivateModule(net, max_grad_norm=1.0)
     opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), pm.collector, noise_multiplier=1.0,
                       expected_batch_size=4)
+    return net, pm, opt
+
+
+def test_without_examples_per_pass_the_mean_loss_is_warned_about():
+    _, _, opt = linear_engine()
     with pytest.warns(UserWarning, match="depends on the data"):
         opt.attach_grad_scaler(fixed_scaler(2.0**10))
     for bad in (0, 2.5, True):
@@ -151,10 +157,7 @@ def test_the_privacy_engine_counts_an_overflowing_step():
 
 @pytest.mark.filterwarnings("ignore:attach_grad_scaler without examples_per_pass")
 def test_grad_scaler_misuse_is_refused():
-    net = nn.Linear(4, 3)
-    pm = PrivateModule(net, max_grad_norm=1.0)
-    opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), pm.collector, noise_multiplier=1.0,
-                      expected_batch_size=4)
+    net, pm, opt = linear_engine()
     with pytest.raises(TypeError, match="GradScaler"):
         opt.attach_grad_scaler(object())
     with pytest.raises(ValueError, match="depends on the data"):

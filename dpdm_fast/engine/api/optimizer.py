@@ -94,8 +94,9 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
         so the step is an ordinary, counted DP-SGD step), and the scaler is told that no step overflowed,
         so its scale never depends on the private data: it stays fixed (a growing scaler is refused: its
         growth counts update() calls, whose number depends on the data). Use a fixed scale
-        (``GradScaler(init_scale=2.0**16, growth_interval=10**9)``) small enough for the network; ``collector.overflowed_examples`` counts the zeroed examples of a step (a
-        statistic of the private data: for debugging, never to be logged or released)."""
+        (``GradScaler(init_scale=2.0**16, growth_interval=10**9)``) small enough for the network;
+        ``collector.overflowed_examples`` counts the zeroed examples of a step (a statistic of the private
+        data: for debugging, never to be logged or released)."""
         if not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"expected a torch.amp.GradScaler, got {type(scaler).__name__}")
         if self.collector.holds_examples:
