@@ -43,13 +43,19 @@ def test_no_pass_is_planned_larger_than_the_expected_batch(data, monkeypatch):
     assert plan.examples_per_pass == plan.planned.examples == 6
 
 
-def test_a_probe_that_does_not_grow_with_the_batch_is_a_clear_error(data, monkeypatch):
-    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": ""})
+def test_a_probe_that_does_not_grow_with_the_batch_plans_the_expected_batch_and_verifies_it(data, monkeypatch):
+    """A tiny network's per-example memory can drown in the allocator's noise (seen on this CPU after other
+    tests): the candidate is then the expected batch, not ~1e10 examples, and the verification step decides."""
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": "", "train.batch_size": 6})
     monkeypatch.setattr(memory_plan, "free_memory", lambda device: 2**40)
-    monkeypatch.setattr(memory_plan, "probe", lambda cfg, device, examples, amp=None, repeats=2:
-                        memory_plan.Probe(examples, 2**30, 1.0))     # the same peak at every size
-    with pytest.raises(RuntimeError, match="cannot be measured"):
-        memory_plan.plan_passes(cfg, CPU)
+    sizes = []
+
+    def flat_probe(cfg, device, examples, amp=None, repeats=2):
+        sizes.append(examples)
+        return memory_plan.Probe(examples, 2**30, 1.0)     # the same peak at every size
+    monkeypatch.setattr(memory_plan, "probe", flat_probe)
+    plan = memory_plan.plan_passes(cfg, CPU)
+    assert plan.examples_per_pass == 6 and sizes[-1] == 6
 
 
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):
