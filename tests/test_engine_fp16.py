@@ -31,15 +31,15 @@ def dp_update(scaler=None, fp16=False, C=0.05, noise=0.0, weights=None, examples
     the collector's overflow count after the backward, and the per-example norms. ``weights``: a factor per
     example on its rows' losses; ``examples``: the examples in the batch (the expected batch size stays B).
     ``per_pass``: the scaled loss is the sum over rows / (B K) (attached with examples_per_pass=B, the
-    trainer's way); else the mean over this pass's rows."""
+    trainer's way); else divided by this pass's own size (its mean, as a loop without a public P would)."""
     net = mnist_net()
     pm = PrivateModule(net, noise_multiplicity=K, max_grad_norm=C)
     opt = DPOptimizer(torch.optim.SGD(net.parameters(), lr=0.0), pm.collector, noise_multiplier=noise,
                       expected_batch_size=B, generator=torch.Generator().manual_seed(7))
+    n = len(range(B)[examples])            # the examples of this pass
+    P = B if per_pass else n                # per_pass=False: sum / (n K) = this pass's mean
     if scaler is not None and attach:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore" if not per_pass else "error")
-            opt.attach_grad_scaler(scaler, examples_per_pass=B if per_pass else None)
+        opt.attach_grad_scaler(scaler, examples_per_pass=P)
     loss, (clean, sigma, eps, y) = dpdm_rows(B, K)
     rows = torch.arange(B * K).view(B, K)[examples].flatten()
     autocast = torch.autocast("cpu", dtype=torch.float16) if fp16 else contextlib.nullcontext()
@@ -47,7 +47,7 @@ def dp_update(scaler=None, fp16=False, C=0.05, noise=0.0, weights=None, examples
         losses = row_losses(loss, pm, clean[rows], sigma[rows], eps[rows], y[rows]).float()
     if weights is not None:
         losses = losses * torch.as_tensor(weights, dtype=torch.float32)[examples].repeat_interleave(K)
-    total = losses.sum() / (B * K) if scaler is not None and per_pass else losses.mean()
+    total = losses.sum() / (P * K) if scaler is not None else losses.mean()
     (scaler.scale(total) if scaler is not None else total).backward()
     overflowed, norms = int(pm.collector.overflowed_examples), pm.collector.last_norms.clone()
     if scaler is not None:
@@ -122,16 +122,16 @@ def linear_engine():
     return net, pm, opt
 
 
-def test_without_examples_per_pass_the_mean_loss_is_warned_about():
+def test_without_examples_per_pass_the_mean_loss_is_refused():
     _, _, opt = linear_engine()
-    with pytest.warns(UserWarning, match="depends on the data"):
+    with pytest.raises(ValueError, match="needs examples_per_pass"):
         opt.attach_grad_scaler(fixed_scaler(2.0**10))
+    assert opt.grad_scaler is None
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="positive integer"):
             opt.attach_grad_scaler(fixed_scaler(2.0**10), examples_per_pass=bad)
 
 
-@pytest.mark.filterwarnings("ignore:attach_grad_scaler without examples_per_pass")
 def test_the_privacy_engine_counts_an_overflowing_step():
     from dpdm_fast.engine import PrivacyEngine
     torch.manual_seed(0)
@@ -141,12 +141,12 @@ def test_the_privacy_engine_counts_an_overflowing_step():
         data_loader=DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 3)), batch_size=8),
         noise_multiplier=1.0, max_grad_norm=1.0)
     scaler = fixed_scaler(2.0**60)          # every example's fp16 gradient overflows
-    opt.attach_grad_scaler(scaler)
+    opt.attach_grad_scaler(scaler, examples_per_pass=8)
     before = [p.detach().clone() for p in net.parameters()]
     for _ in range(2):
         x, y = next(iter(loader))
         with torch.autocast("cpu", dtype=torch.float16):
-            loss = ((model(x).float() - y) ** 2).mean()
+            loss = ((model(x).float() - y) ** 2).mean(dim=1).sum() / 8
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -155,15 +155,14 @@ def test_the_privacy_engine_counts_an_overflowing_step():
     assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
-@pytest.mark.filterwarnings("ignore:attach_grad_scaler without examples_per_pass")
 def test_grad_scaler_misuse_is_refused():
     net, pm, opt = linear_engine()
     with pytest.raises(TypeError, match="GradScaler"):
         opt.attach_grad_scaler(object())
     with pytest.raises(ValueError, match="depends on the data"):
-        opt.attach_grad_scaler(torch.amp.GradScaler("cpu"))      # the default: grows every 2000 update() calls
+        opt.attach_grad_scaler(torch.amp.GradScaler("cpu"), examples_per_pass=4)   # grows every 2000 update()s
     assert opt.grad_scaler is None
-    opt.attach_grad_scaler(fixed_scaler(2.0**10))
+    opt.attach_grad_scaler(fixed_scaler(2.0**10), examples_per_pass=4)
     other = fixed_scaler(2.0**12)          # the loss scaled by another scaler than the attached one
     other.scale(pm(torch.randn(4, 4)).pow(2).mean()).backward()
     with pytest.raises(RuntimeError, match="unscaled by"):

@@ -79,12 +79,12 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
         """fp16 autocast with loss scaling: train with ``scaler.scale(loss).backward()``,
         ``scaler.step(optimizer)``, ``scaler.update()`` as usual, after attaching the scaler here.
 
-        ``examples_per_pass`` (loss_reduction 'mean'; recommended): a public number P, typically the largest
+        ``examples_per_pass`` (required with loss_reduction 'mean'): a public number P, typically the largest
         physical batch; the loss of every backward is then ``per_example_losses.sum() / P`` (not the mean
         over the pass), so each example's scaled fp16 gradient is its gradient times scale / P whatever the
         pass's size. With the plain mean it is scaled by scale / n, n the examples of its pass: n follows the
         Poisson batch's size, a function of the data, and so would whether an example overflows (and is
-        zeroed, below), which a record's presence could then change for the others: a warning says so.
+        zeroed, below), which a record's presence could then change for the others: refused.
 
         Each backward divides its per-example gradients by the scaler's scale before their norms are
         taken, so they are clipped at max_grad_norm unscaled, and the noise is added at the unscaled
@@ -107,11 +107,12 @@ class DPOptimizer(WrappedOptimizer, DPSettings):
                                  "scaled gradient is already its gradient times the scale")
             if isinstance(examples_per_pass, bool) or not isinstance(examples_per_pass, int) or examples_per_pass < 1:
                 raise ValueError(f"examples_per_pass must be a positive integer, got {examples_per_pass!r}")
-        elif self.loss_reduction == "mean":
-            warnings.warn("attach_grad_scaler without examples_per_pass: the loss is the mean over each pass, so "
-                          "whether an example's fp16 gradient overflows (and is zeroed) depends on how many "
-                          "examples share its pass, which depends on the data. Pass examples_per_pass=P and "
-                          "backpropagate scaler.scale(per_example_losses.sum() / P)", stacklevel=2)
+        elif self.loss_reduction == "mean" and scaler.is_enabled():
+            raise ValueError("attach_grad_scaler needs examples_per_pass with loss_reduction 'mean': with the mean "
+                             "over each pass, whether an example's fp16 gradient overflows (and is zeroed) depends "
+                             "on how many examples share its pass, which depends on the data. Pass "
+                             "examples_per_pass=P (public, e.g. the largest physical batch) and backpropagate "
+                             "scaler.scale(per_example_losses.sum() / P)")
         if scaler.is_enabled() and scaler.get_growth_factor() != 1 and scaler.get_growth_interval() < 10**9:
             # growth counts update() calls, one per physical batch in the usual loop: their number follows the
             # Poisson batches' sizes, so the scale, and which examples overflow, would depend on the data
