@@ -86,7 +86,32 @@ def test_the_trainer_uses_the_plan_and_a_resumed_run_keeps_its_pass_size(data, t
         raise AssertionError("a resumed run must not probe again")
     monkeypatch.setattr("dpdm_fast.training.loop.plan_passes", no_probe)
     resumed = Trainer(cfg, tmp_path, max_steps=2, resume=True, progress=False)
-    assert resumed.physical_batch_size == size and resumed.run().step == 2
+    assert resumed.physical_batch_size == size and resumed.replan_note is None and resumed.run().step == 2
+    record = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["pass_memory"]
+    assert record == trainer.pass_plan.record() and record["device"] == "cpu"   # carried over by the resume
+
+    # resumed where that pass no longer fits (a smaller device): planned anew, and said so
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: int(record["peak_bytes"]))   # 80% of it: too small
+    smaller = _fake_plan(examples=size - 1, peak_bytes=record["peak_bytes"] // 2)
+    monkeypatch.setattr("dpdm_fast.training.loop.plan_passes", lambda *a, **k: smaller)
+    replanned = Trainer(cfg, tmp_path, max_steps=3, resume=True, progress=False)
+    assert replanned.physical_batch_size == size - 1 and "planned anew" in replanned.replan_note
+    assert replanned.run().step == 3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["pass_memory"] == smaller.record()
+
+
+def _fake_plan(examples: int, peak_bytes: int, device: str = "cpu") -> memory_plan.PassPlan:
+    planned = memory_plan.Probe(examples, peak_bytes, 1.0)
+    return memory_plan.PassPlan(device, examples, 1.0, 0.0, 2 * peak_bytes, 0.8, 0.1, 0.1, (planned,), planned)
+
+
+def test_a_saved_pass_is_reused_only_on_the_same_kind_of_device_with_room_for_it(monkeypatch):
+    record = _fake_plan(examples=8, peak_bytes=8 * 2**30, device="cuda:0").record()
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: 20 * 2**30)
+    assert memory_plan.why_saved_pass_misfits(record, torch.device("cuda:1"), 0.5) is None      # 8 <= 10 GiB
+    assert "above 30%" in memory_plan.why_saved_pass_misfits(record, torch.device("cuda:0"), 0.3)  # 8 > 6 GiB
+    assert "planned on cuda:0" in memory_plan.why_saved_pass_misfits(record, CPU, 0.9)
+    assert memory_plan.why_saved_pass_misfits(None, CPU, 0.9) is None   # an older checkpoint: kept as before
 
 
 def test_info_prints_the_plan_and_the_time_per_epoch(data, capsys, monkeypatch):

@@ -38,7 +38,7 @@ from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
 from .ema import EMA
-from .memory_plan import AUTO, PassPlan, fixed_pass_size, plan_passes
+from .memory_plan import AUTO, PassPlan, fixed_pass_size, plan_passes, why_saved_pass_misfits
 from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
 from .optimizers import build_optimizer
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
@@ -162,6 +162,8 @@ class Trainer:
         # The memory probe runs before the private data is loaded: the free memory it reads, and so the pass
         # size (saved in the checkpoint, printed), must not depend on the dataset's size.
         self.pass_plan: PassPlan | None = None   # dp.max_physical_batch_size: auto, probed by this run
+        self.pass_memory: dict | None = None     # its record (or the resumed checkpoint's), saved with each checkpoint
+        self.replan_note: str | None = None      # why a resumed auto run did not keep its checkpoint's pass size
         self.physical_batch_size = self._pass_size(saved)
 
         self.dataset = self._training_dataset()
@@ -180,17 +182,27 @@ class Trainer:
     # -- setup --------------------------------------------------------------------------------
     def _pass_size(self, saved: dict | None) -> int:
         """Examples per forward/backward pass: from the config (DPDM's n_splits passes per physical batch), or
-        for ``auto`` from a memory probe on rank 0's device (a resumed run reuses its checkpoint's size, so it
-        continues exactly: the loss draws its noise per pass)."""
+        for ``auto`` from a memory probe on rank 0's device. A resumed run reuses its checkpoint's size, so it
+        continues exactly (the loss draws its noise per pass), unless that pass was planned on another kind of
+        device or no longer fits in the memory free here: then it plans anew and says so."""
         if self.cfg.dp.max_physical_batch_size != AUTO:
             return fixed_pass_size(self.cfg)
         if saved is not None and saved.get("examples_per_pass"):
-            return int(saved["examples_per_pass"])
+            record = saved.get("pass_memory")
+            misfit = result_from_main(
+                self.ranks, lambda: why_saved_pass_misfits(record, self.device, float(self.cfg.dp.memory_fraction)))
+            if misfit is None:
+                self.pass_memory = record
+                return int(saved["examples_per_pass"])
+            self.replan_note = (f"{misfit}: planned anew on this device (the Poisson batches and the DP noise continue "
+                                f"exactly; the diffusion-noise draws split differently from passes of "
+                                f"{saved['examples_per_pass']})")
 
-        def plan() -> int:
-            self.pass_plan = plan_passes(self.cfg, self.device, self.amp)
-            return self.pass_plan.examples_per_pass
-        return result_from_main(self.ranks, plan)
+        def plan() -> PassPlan:
+            return plan_passes(self.cfg, self.device, self.amp)
+        self.pass_plan = result_from_main(self.ranks, plan)
+        self.pass_memory = self.pass_plan.record()
+        return self.pass_plan.examples_per_pass
 
     def _training_dataset(self):
         """The private training set (the audit's trainer adds its canaries here)."""
@@ -406,6 +418,7 @@ class Trainer:
                     "noise": None if self.noise_gen is None else self.noise_gen.get_state(),
                     "world_size": self.ranks.world_size},
             "wall_s": wall_s, "data_check": self.data_check, "examples_per_pass": self.physical_batch_size,
+            "pass_memory": self.pass_memory,
         }
 
     def save(self, wall_s: float, numbered: bool = False) -> Path:
@@ -500,8 +513,9 @@ class Trainer:
             out.write(f"{self.ranks.world_size} processes ({backend_name()}): each samples its shard of every Poisson "
                       "batch; the clipped sums are all-reduced and rank 0 adds the noise once (per-rank physical "
                       "batches as above)")
-        if self.resume_note:
-            out.write(self.resume_note)
+        for note in (self.replan_note, self.resume_note):
+            if note:
+                out.write(note)
         if not cfg.dp.secure_mode:
             out.write("noise and sampling come from seeded generators (dp.secure_mode=false): reproducible, fine for "
                       "experiments; set dp.secure_mode=true for a model you release")

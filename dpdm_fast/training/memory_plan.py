@@ -83,6 +83,27 @@ class PassPlan:
         ]
         return "\n".join(lines)
 
+    def record(self) -> dict:
+        """What a checkpoint keeps of the plan, so that a resumed run can check that the pass still fits
+        (the device and memory only: nothing of the data)."""
+        return {"device": self.device, "peak_bytes": int(self.planned.peak_bytes)}
+
+
+def why_saved_pass_misfits(record: dict | None, device: torch.device, fraction: float) -> str | None:
+    """Why a checkpoint's planned pass (its ``PassPlan.record()``) should not be reused on ``device``: planned
+    on another kind of device, or its measured peak above ``fraction`` of the memory free here now. None
+    when it fits, or when the checkpoint recorded no plan (older versions: their size is kept as before)."""
+    if not record:
+        return None
+    saved_device = torch.device(record["device"])
+    if saved_device.type != device.type:
+        return f"the checkpoint's pass size was planned on {saved_device}, this run is on {device}"
+    budget = fraction * free_memory(device)
+    if record["peak_bytes"] > budget:
+        return (f"the checkpoint's pass peaked at {record['peak_bytes'] / 2**30:.2f} GiB, above {fraction * 100:g}% of "
+                f"the {budget / fraction / 2**30:.2f} GiB free on {device} now")
+    return None
+
 
 def _duration(seconds: float) -> str:
     if seconds < 120:
