@@ -97,3 +97,17 @@ def test_every_backend_on_the_published_networks_matches_the_per_example_loop(ba
     ours = _engine_update(net, loss, rows, 4, 0.1, 4, backend=backend)
     ref = per_example_loop_update(net, lambda m, *r: row_losses(loss, m, *r), rows, 4, 0.1, 4)
     assert rel(ours, ref) < 1e-4
+
+
+def test_a_resume_continues_the_gpu_dropout_stream():
+    """The trainer's resume state holds the GPU's generator (dropout's on a GPU): restored, its next draws
+    are those an uninterrupted run would make."""
+    from dpdm_fast.training.loop import dropout_rng_state, restore_dropout_rng
+    device = torch.device(DEVICE)
+    torch.manual_seed(3)
+    torch.rand(5, device=device)
+    saved = dropout_rng_state(device)
+    uninterrupted = torch.rand(100, device=device)
+    torch.manual_seed(4)   # a fresh process seeds the generators anew
+    restore_dropout_rng(saved, device)
+    assert torch.equal(torch.rand(100, device=device), uninterrupted)

@@ -94,6 +94,19 @@ def test_resume_restores_the_autotune_choices(data, tmp_path):
     assert autotune.state_dict() == saved
 
 
+def test_the_resume_state_holds_the_dropout_generators_and_a_resume_restores_them(data, tmp_path, monkeypatch):
+    """(On a GPU, dropout draws from the device's generator: saved beside the CPU's; test_gpu.py checks
+    that its draws continue.)"""
+    from dpdm_fast.training import loop
+    train(tiny_config(data), tmp_path, max_steps=1, progress=False)
+    stream = load(tmp_path / "private" / "resume_state.pt")["streams"][0]
+    assert stream["torch"].dtype == torch.uint8 and stream["cuda"] is None   # a CPU run: no GPU generator
+    restored = []
+    monkeypatch.setattr(loop, "restore_dropout_rng", lambda state, device: restored.append((state, device)))
+    Trainer(tiny_config(data), tmp_path, resume=True, progress=False)
+    assert len(restored) == 1 and torch.equal(restored[0][0]["torch"], stream["torch"])
+
+
 def test_the_run_stops_where_the_budget_ends_even_inside_the_schedule(data, tmp_path, monkeypatch):
     # A search that overshoots (sigma a little too small for the whole schedule): the plan keeps only
     # the steps within the target, and the run stops there.

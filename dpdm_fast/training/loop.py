@@ -385,7 +385,7 @@ class Trainer:
             streams = rng.get("per_rank") or [{"loss": rng["loss"], "torch": rng["torch"]}]
         if streams is not None and len(streams) == ranks.world_size:
             self.loss_gen.set_state(streams[ranks.rank]["loss"])
-            torch.set_rng_state(streams[ranks.rank]["torch"])
+            restore_dropout_rng(streams[ranks.rank], self.device)
         else:   # another number of ranks, or no private state: the loss noise and dropout streams start afresh
             self.loss_gen.manual_seed(seed_for_rank(self.seeds["loss"], ranks.rank, step, ranks.world_size))
             torch.manual_seed(seed_for_rank(self.seeds["init"], ranks.rank, step, ranks.world_size))
@@ -402,7 +402,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _own_rng(self) -> dict:
-        return {"loss": self.loss_gen.get_state(), "torch": torch.get_rng_state()}
+        return {"loss": self.loss_gen.get_state(), **dropout_rng_state(self.device)}
 
     def state_dict(self, wall_s: float) -> dict:
         """The checkpoint (what may be released: nothing in it depends on the private batch sizes; the
@@ -593,6 +593,21 @@ def amp_mode(amp: bool | str | None) -> str | None:
     if amp not in ("bf16", "fp16"):
         raise ValueError(f"amp={amp!r}: expected 'bf16' or 'fp16' (or True for bf16)")
     return amp
+
+
+def dropout_rng_state(device: torch.device) -> dict:
+    """The default generators that dropout draws from: the CPU's, and on a GPU also that device's (a GPU
+    run's dropout masks come from it, so without it a resume would not continue bitwise)."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_dropout_rng(state: dict, device: torch.device) -> None:
+    """Set what ``dropout_rng_state`` saved (a CUDA state only on a CUDA device: a run moved from a GPU to the
+    CPU keeps the CPU stream; one moved to a GPU from a CPU checkpoint keeps the seeded CUDA stream)."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def train(cfg: DictConfig, workdir: str | Path, **kwargs) -> TrainResult:
