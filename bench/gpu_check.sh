@@ -151,8 +151,14 @@ section 06_nccl 45 torchrun --standalone --nproc-per-node 1 -m dpdm_fast.cli tra
   data.path="$DATA/mnist" --workdir "$OUT/nccl" --device $DEVICE --max-steps 2 --no-progress
 section 07_train 130 $DPDM train "${RUN[@]}" data.path="$DATA/mnist" --workdir "$OUT/train" --device $DEVICE \
   ${TRAIN_STEPS[@]+"${TRAIN_STEPS[@]}"} --no-progress
-section 07_sample 25 $DPDM sample "$OUT/train/checkpoint.pt" "${SAMPLE[@]}" --device $DEVICE --no-progress \
-  --out "$OUT/train/samples.npz"
+# (a run stopped before its first step, e.g. in the warm-up, writes no checkpoint: say so instead of a
+# sampler's file-not-found; a spent budget is reported by section as for the others)
+if [ -f "$OUT/train/checkpoint.pt" ] || [ $(( BUDGET - ($(date +%s) - START) )) -lt 15 ]; then
+  section 07_sample 25 $DPDM sample "$OUT/train/checkpoint.pt" "${SAMPLE[@]}" --device $DEVICE --no-progress \
+    --out "$OUT/train/samples.npz"
+else
+  echo "07_sample SKIPPED (07_train wrote no checkpoint: see 07_train.txt)" | tee -a "$OUT/summary.txt"
+fi
 section 08_audit 60 $DPDM audit "${AUDIT[@]}" data.path="$DATA/mnist" --device $DEVICE --no-progress \
   --out "$OUT/audit"
 echo "total $(( $(date +%s) - START ))s; summary in $OUT/summary.txt"

@@ -124,9 +124,10 @@ def _run_self(args: list[str]) -> dict:
 def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) -> dict:
     """Peak memory of building the engine and running two training steps.
 
-    GPU: ``torch.cuda.max_memory_allocated``. CPU: the peak of live tensor bytes, from the torch
-    profiler's allocation events (precise: model, rows, optimizer state, persistent engine buffers and
-    every temporary), plus the process's peak RSS during the steps (what the OS saw; noisy).
+    Both above the tensors live before it (an earlier cell's leftovers do not count). GPU: the caching
+    allocator's peak. CPU: the peak of live tensor bytes, from the torch profiler's allocation events
+    (precise: model, rows, optimizer state, persistent engine buffers and every temporary), plus the
+    process's peak RSS during the steps (what the OS saw; noisy, not reset between cells' allocations).
     """
     dev = torch.device(device)
     built = {}
@@ -138,10 +139,8 @@ def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) ->
     try:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-            build_and_step()
-            _sync(dev)
-            return {"status": "ok", "peak_bytes": torch.cuda.max_memory_allocated(dev), "params": built["params"]}
+            peak = peak_allocated_bytes(build_and_step, dev)
+            return {"status": "ok", "peak_bytes": peak, "params": built["params"]}
         _reset_peak_rss()
         peak = peak_allocated_bytes(build_and_step, dev)
     except Exception as e:  # noqa: BLE001
