@@ -132,6 +132,17 @@ def test_without_examples_per_pass_the_mean_loss_is_refused():
             opt.attach_grad_scaler(fixed_scaler(2.0**10), examples_per_pass=bad)
 
 
+def test_a_scale_below_the_pass_size_is_warned_about():
+    """scale / examples_per_pass < 1 scales each example's fp16 gradient down: it underflows (measured by
+    bench/fp16_underflow.py); the trainer's 2^16 with passes of at most 8,192 stays clear of it."""
+    _, _, opt = linear_engine()
+    with pytest.warns(UserWarning, match="underflow"):
+        opt.attach_grad_scaler(fixed_scaler(2.0**10), examples_per_pass=2048)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linear_engine()[2].attach_grad_scaler(fixed_scaler(2.0**16), examples_per_pass=8192)
+
+
 def test_the_privacy_engine_counts_an_overflowing_step():
     from dpdm_fast.engine import PrivacyEngine
     torch.manual_seed(0)
