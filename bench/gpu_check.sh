@@ -68,11 +68,12 @@ DPDM="python3 -m dpdm_fast.cli"
 
 BUDGET=${GPU_CHECK_BUDGET_S:-530}
 : > "$OUT/summary.txt"
+budget_left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # section NAME LIMIT_S COMMAND...: run it with what is left of the budget, log it, record its status
 section() {
   local name=$1 limit=$2 left t0 rc
   shift 2
-  left=$(( BUDGET - ($(date +%s) - START) ))
+  left=$(budget_left)
   if [ "$left" -lt 15 ]; then
     echo "$name SKIPPED (${left}s of the budget left)" | tee -a "$OUT/summary.txt"
     return
@@ -153,7 +154,7 @@ section 07_train 130 $DPDM train "${RUN[@]}" data.path="$DATA/mnist" --workdir "
   ${TRAIN_STEPS[@]+"${TRAIN_STEPS[@]}"} --no-progress
 # (a run stopped before its first step, e.g. in the warm-up, writes no checkpoint: say so instead of a
 # sampler's file-not-found; a spent budget is reported by section as for the others)
-if [ -f "$OUT/train/checkpoint.pt" ] || [ $(( BUDGET - ($(date +%s) - START) )) -lt 15 ]; then
+if [ -f "$OUT/train/checkpoint.pt" ] || [ "$(budget_left)" -lt 15 ]; then
   section 07_sample 25 $DPDM sample "$OUT/train/checkpoint.pt" "${SAMPLE[@]}" --device $DEVICE --no-progress \
     --out "$OUT/train/samples.npz"
 else

@@ -198,9 +198,7 @@ class Trainer:
                                 f"exactly; the diffusion-noise draws split differently from passes of "
                                 f"{saved['examples_per_pass']})")
 
-        def plan() -> PassPlan:
-            return plan_passes(self.cfg, self.device, self.amp)
-        self.pass_plan = result_from_main(self.ranks, plan)
+        self.pass_plan = result_from_main(self.ranks, lambda: plan_passes(self.cfg, self.device, self.amp))
         self.pass_memory = self.pass_plan.record()
         return self.pass_plan.examples_per_pass
 
