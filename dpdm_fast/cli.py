@@ -41,7 +41,9 @@ def _print_pass_plan(cfg, plan, args: argparse.Namespace) -> None:
     from .training.loop import amp_mode, resolve_device
     from .training.memory_plan import AUTO, fixed_pass_size, plan_passes
 
-    passes = plan_passes(cfg, resolve_device(args.device), amp_mode(args.amp))
+    device = resolve_device(args.device)
+    _keep_freed_cpu_memory(device, announce=True)    # as training would: the probe measures what it will run
+    passes = plan_passes(cfg, device, amp_mode(args.amp))
     print(passes.describe(plan.expected_batch_size, plan.steps_per_epoch, cfg.dp.n_splits))
     measured, K = passes.planned, cfg.loss.n_noise_samples
     step_s = passes.seconds_per_step(plan.expected_batch_size)
@@ -81,12 +83,24 @@ def cmd_train(args: argparse.Namespace) -> int:
                 master_addr=args.master_addr or setup.master_address,
                 master_port=args.master_port if args.master_port is not None else setup.master_port)
     ranks, device = rank_env.init_from_environment(args.device)
+    from .training.loop import resolve_device
+    _keep_freed_cpu_memory(resolve_device(device), announce=ranks.is_main)
     try:
         result = train(cfg, args.workdir or cfg.setup.workdir, resume=args.resume, max_steps=args.max_steps,
                        amp=args.amp, device=device, progress=not args.no_progress)
     finally:
         rank_env.shutdown()
     return {None: 0, "SIGINT": 130, "SIGTERM": 143}[result.interrupted]
+
+
+def _keep_freed_cpu_memory(device, announce: bool) -> None:
+    """On the CPU, freed pass buffers stay in the process for the next pass (``engine.cpu_allocator``)."""
+    if device.type == "cpu":
+        from .engine.cpu_allocator import keep_freed_memory
+
+        message = keep_freed_memory()
+        if announce:
+            print(message, flush=True)
 
 
 def _train_argv_for_ranks(args: argparse.Namespace) -> list[str]:

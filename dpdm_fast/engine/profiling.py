@@ -38,3 +38,31 @@ def peak_allocated_bytes(fn, device: torch.device) -> int:
         live += delta
         peak = max(peak, live)
     return peak
+
+
+def peak_resident_growth(fn) -> int | None:
+    """How far the process's resident memory peaks above where it starts while ``fn()`` runs (Linux:
+    the kernel's high-water mark, reset first); None where the kernel does not offer it.
+
+    Where freed memory stays in the process (``cpu_allocator.keep_freed_memory``) this, not the tensors'
+    peak, is what a pass costs the machine: the heap keeps its fragmentation too. The free pages the heap
+    keeps are given back first, so that the growth starts from what is live."""
+    from .cpu_allocator import release_free_memory
+
+    release_free_memory()
+    try:
+        start = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")     # reset the high-water mark (VmHWM) to the resident memory now
+    except OSError:
+        return None
+    fn()
+    return (_status_kib("VmHWM") - start) * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")

@@ -28,7 +28,8 @@ from omegaconf import DictConfig
 
 from ..diffusion import build_loss
 from ..engine import DPOptimizer, PrivateModule, autotune
-from ..engine.profiling import peak_allocated_bytes
+from ..engine import cpu_allocator
+from ..engine.profiling import peak_allocated_bytes, peak_resident_growth
 from ..generate import build_model
 from .optimizers import build_optimizer
 
@@ -57,6 +58,7 @@ class PassPlan:
     seconds_per_pass: float        # the fixed time of a pass (launches, the step's noise and optimizer)
     probes: tuple[Probe, ...]
     planned: Probe                 # the step at the planned size itself, whose measured peak fits
+    resident: bool = False         # peaks are the process's resident growth (CPU, freed memory kept)
 
     def peak_bytes(self, examples: int) -> float:
         return self.fixed_bytes + examples * self.bytes_per_example
@@ -73,7 +75,7 @@ class PassPlan:
             f"physical batch (dp.max_physical_batch_size: auto) on {self.device}: passes of {self.examples_per_pass} "
             f"examples (max_physical_batch_size = {self.examples_per_pass * n_splits} in {n_splits} split(s))",
             f"  memory: {self.bytes_per_example / 2**20:.1f} MiB per example + {self.fixed_bytes / 2**20:.0f} MiB "
-            f"fixed (fitted); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free; a pass of "
+            f"fixed (fitted{', resident: freed memory is kept' if self.resident else ''}); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free; a pass of "
             f"{self.examples_per_pass} measured at {self.planned.peak_bytes / gib:.2f} GiB",
             f"  probe steps: " + ", ".join(f"{p.examples} examples: {p.peak_bytes / 2**20:.0f} MiB, {p.seconds:.2f} s"
                                            for p in self.probes + (self.planned,)),
@@ -173,18 +175,31 @@ def _probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None
     def build_and_step() -> None:
         holder["step"] = probe_step(cfg, device, examples, amp)
         holder["step"]()
-    peak = peak_allocated_bytes(build_and_step, device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        holder["step"]()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+
+    def measure() -> None:
+        holder["peak"] = peak_allocated_bytes(build_and_step, device)
+        holder["times"] = [_timed(holder["step"], device) for _ in range(repeats)]
+    if device.type == "cpu" and cpu_allocator.is_keeping_freed_memory():
+        # the heap keeps what the pass freed, and its fragmentation: the resident growth over the build,
+        # the step and its repeats (the heap settles after a pass or two) is what the machine must hold
+        resident = peak_resident_growth(measure)
+        peak = max(holder["peak"], resident or 0)
+    else:
+        measure()
+        peak = holder["peak"]
+    times = holder["times"]
     del holder
     return Probe(examples, peak, statistics.median(times))
+
+
+def _timed(step, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
@@ -226,8 +241,11 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     first = probes[0]
     seconds_per_example = max((planned.seconds - first.seconds) / max(planned.examples - first.examples, 1), 0.0)
     seconds_per_pass = max(first.seconds - first.examples * seconds_per_example, 0.0)
+    resident = device.type == "cpu" and cpu_allocator.is_keeping_freed_memory()
+    if resident:
+        cpu_allocator.release_free_memory()   # what the probes' larger tries left in the heap
     return PassPlan(str(device), candidate, per_example, fixed, free, fraction, seconds_per_example, seconds_per_pass,
-                    probes, planned)
+                    probes, planned, resident)
 
 
 def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None) -> Probe | None:
