@@ -88,18 +88,22 @@ class PassPlan:
     def record(self) -> dict:
         """What a checkpoint keeps of the plan, so that a resumed run can check that the pass still fits
         (the device and memory only: nothing of the data)."""
-        return {"device": self.device, "peak_bytes": int(self.planned.peak_bytes)}
+        return {"device": self.device, "peak_bytes": int(self.planned.peak_bytes), "resident": self.resident}
 
 
 def why_saved_pass_misfits(record: dict | None, device: torch.device, fraction: float) -> str | None:
     """Why a checkpoint's planned pass (its ``PassPlan.record()``) should not be reused on ``device``: planned
-    on another kind of device, or its measured peak above ``fraction`` of the memory free here now. None
+    on another kind of device, its peak measured as the tensors' while this CPU run keeps freed memory (whose
+    cost is the resident growth), or its measured peak above ``fraction`` of the memory free here now. None
     when it fits, or when the checkpoint recorded no plan (older versions: their size is kept as before)."""
     if not record:
         return None
     saved_device = torch.device(record["device"])
     if saved_device.type != device.type:
         return f"the checkpoint's pass size was planned on {saved_device}, this run is on {device}"
+    if device.type == "cpu" and cpu_allocator.is_keeping_freed_memory() and not record.get("resident", False):
+        return ("the checkpoint's pass peak counts the tensors only, and this run keeps freed memory in the process "
+                "(its fragmentation too): the resident memory is measured anew")
     budget = fraction * free_memory(device)
     if record["peak_bytes"] > budget:
         return (f"the checkpoint's pass peaked at {record['peak_bytes'] / 2**30:.2f} GiB, above {fraction * 100:g}% of "
