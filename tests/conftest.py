@@ -20,7 +20,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The CLI keeps freed CPU memory in the process (engine/cpu_allocator.py), which is process-wide and lasting:
 # the test process keeps glibc's own policy, so that the memory plan's tests measure the tensors' peaks
 # whichever test ran before; tests/test_cpu_allocator.py runs the kept path in fresh processes.
-os.environ.setdefault("DPDM_FAST_CPU_ALLOCATOR", "system")
+os.environ["DPDM_FAST_CPU_ALLOCATOR"] = "system"
 
 
 def need(path: Path) -> Path:

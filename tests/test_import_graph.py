@@ -123,7 +123,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 # The engine's layers, bottom to top: a module may import its own layer and the ones below it.
-ENGINE_LAYERS = ["profiling", "mechanism", "clipping", "capture", "distributed", "sampling", "api"]
+ENGINE_LAYERS = ["cpu_allocator", "profiling", "mechanism", "clipping", "capture", "distributed", "sampling", "api"]
 
 
 def test_engine_layers_import_downward_only():

@@ -6,6 +6,7 @@ from typing import Iterable
 
 import torch
 
+from ..engine.cpu_allocator import release_free_memory
 from .engines import WORKLOADS
 from .measure import peak_memory, time_cell, time_cell_isolated
 from .report import machine_info
@@ -70,11 +71,7 @@ class Budget:
 
 def _available_bytes() -> int | None:
     gc.collect()
-    try:  # glibc keeps freed heap pages of earlier cells' engines; hand them back before asking
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_free_memory()   # glibc keeps freed heap pages of earlier cells' engines; hand them back before asking
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -6,16 +6,19 @@ above 32 MiB with its own ``mmap`` and returns it with ``munmap`` on free, so th
 page in again and the kernel zeroes it: on the published MNIST network (2-core VM, torch 2.13) that was
 more than half of a full-size step's CPU time (4,015 s of 8,304 s "system" time, 1.1e9 page faults).
 With mmap off and the heap's top never trimmed, freed blocks stay in the process and the next pass
-reuses them: 0.42 s per example instead of 1.2 s (``bench/cpu_allocator.py``).
+reuses them (``bench/cpu_allocator.py``; numbers in bench/RESULTS.md).
 
 The price: the process keeps its peak (and the heap's fragmentation) resident for its lifetime, so the
-memory plan measures resident memory (``profiling.peak_resident_growth``) while this is on.
+memory plan measures resident memory (``profiling.peak_resident_growth``) while this is on; a numeric
+``dp.max_physical_batch_size`` is not measured, and its resident cost is then above the tensors' peak
+(1.46x at the published MNIST network's pass of 48 examples on a 2-core VM). Blocks that torch's worker
+threads allocate above 64 MiB still come and go with mmap (glibc's thread arenas): no gain, no harm.
 Off with ``DPDM_FAST_CPU_ALLOCATOR=system``; it only exists where glibc does (Linux).
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 
 _M_TRIM_THRESHOLD = -1
@@ -25,13 +28,16 @@ ENV = "DPDM_FAST_CPU_ALLOCATOR"
 _state = {"keeping": False}
 
 
+@functools.cache
 def _glibc():
     """glibc's handle, or None on other C libraries (musl, macOS, Windows)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        libc.gnu_get_libc_version()          # glibc's own symbol: musl and others lack it
+    except (OSError, AttributeError):
         return None
-    libc = ctypes.CDLL(name)
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    return libc
 
 
 def keep_freed_memory() -> str:

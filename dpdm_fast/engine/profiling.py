@@ -1,10 +1,11 @@
 """Named ranges in torch profiler traces (``bench/fixed_costs.py`` reads them).
 
-The bottom of the engine: it imports only torch, so every layer above may use it.
+Near the bottom of the engine: it imports only torch and ``cpu_allocator``, so every layer above may use it.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.autograd.profiler import record_function
@@ -40,9 +41,15 @@ def peak_allocated_bytes(fn, device: torch.device) -> int:
     return peak
 
 
+def resident_growth_measurable() -> bool:
+    """Whether ``peak_resident_growth`` can measure here (Linux lets a process reset its high-water mark)."""
+    return os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/self/status")
+
+
 def peak_resident_growth(fn) -> int | None:
-    """How far the process's resident memory peaks above where it starts while ``fn()`` runs (Linux:
-    the kernel's high-water mark, reset first); None where the kernel does not offer it.
+    """Run ``fn()``; how far the process's resident memory peaked above where it started meanwhile (Linux:
+    the kernel's high-water mark, reset first), or None where the kernel does not offer it (``fn`` runs
+    all the same).
 
     Where freed memory stays in the process (``cpu_allocator.keep_freed_memory``) this, not the tensors'
     peak, is what a pass costs the machine: the heap keeps its fragmentation too. The free pages the heap
@@ -55,6 +62,7 @@ def peak_resident_growth(fn) -> int | None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")     # reset the high-water mark (VmHWM) to the resident memory now
     except OSError:
+        fn()
         return None
     fn()
     return (_status_kib("VmHWM") - start) * 1024

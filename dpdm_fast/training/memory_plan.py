@@ -21,6 +21,7 @@ import contextlib
 import math
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from omegaconf import DictConfig
 from ..diffusion import build_loss
 from ..engine import DPOptimizer, PrivateModule, autotune
 from ..engine import cpu_allocator
-from ..engine.profiling import peak_allocated_bytes, peak_resident_growth
+from ..engine.profiling import peak_allocated_bytes, peak_resident_growth, resident_growth_measurable
 from ..generate import build_model
 from .optimizers import build_optimizer
 
@@ -71,11 +72,12 @@ class PassPlan:
     def describe(self, expected_batch: float, steps_per_epoch: float, n_splits: int = 1) -> str:
         gib = 2.0**30
         step_s = self.seconds_per_step(expected_batch)
+        measured = ", resident: freed memory is kept" if self.resident else ""
         lines = [
             f"physical batch (dp.max_physical_batch_size: auto) on {self.device}: passes of {self.examples_per_pass} "
             f"examples (max_physical_batch_size = {self.examples_per_pass * n_splits} in {n_splits} split(s))",
             f"  memory: {self.bytes_per_example / 2**20:.1f} MiB per example + {self.fixed_bytes / 2**20:.0f} MiB "
-            f"fixed (fitted{', resident: freed memory is kept' if self.resident else ''}); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free; a pass of "
+            f"fixed (fitted{measured}); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free; a pass of "
             f"{self.examples_per_pass} measured at {self.planned.peak_bytes / gib:.2f} GiB",
             f"  probe steps: " + ", ".join(f"{p.examples} examples: {p.peak_bytes / 2**20:.0f} MiB, {p.seconds:.2f} s"
                                            for p in self.probes + (self.planned,)),
@@ -101,7 +103,7 @@ def why_saved_pass_misfits(record: dict | None, device: torch.device, fraction: 
     saved_device = torch.device(record["device"])
     if saved_device.type != device.type:
         return f"the checkpoint's pass size was planned on {saved_device}, this run is on {device}"
-    if device.type == "cpu" and cpu_allocator.is_keeping_freed_memory() and not record.get("resident", False):
+    if measures_resident(device) and not record.get("resident", False):
         return ("the checkpoint's pass peak counts the tensors only, and this run keeps freed memory in the process "
                 "(its fragmentation too): the resident memory is measured anew")
     budget = fraction * free_memory(device)
@@ -125,6 +127,7 @@ def free_memory(device: torch.device) -> int:
         torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
+        cpu_allocator.release_free_memory()   # free pages the heap keeps are this process's to use
         try:
             with open("/proc/meminfo") as f:
                 for line in f:
@@ -183,7 +186,7 @@ def _probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None
     def measure() -> None:
         holder["peak"] = peak_allocated_bytes(build_and_step, device)
         holder["times"] = [_timed(holder["step"], device) for _ in range(repeats)]
-    if device.type == "cpu" and cpu_allocator.is_keeping_freed_memory():
+    if measures_resident(device):
         # the heap keeps what the pass freed, and its fragmentation: the resident growth over the build,
         # the step and its repeats (the heap settles after a pass or two) is what the machine must hold
         resident = peak_resident_growth(measure)
@@ -194,6 +197,11 @@ def _probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None
     times = holder["times"]
     del holder
     return Probe(examples, peak, statistics.median(times))
+
+
+def measures_resident(device: torch.device) -> bool:
+    """Whether the probe's peaks are resident growth (the CPU, freed memory kept, Linux) or tensors'."""
+    return device.type == "cpu" and cpu_allocator.is_keeping_freed_memory() and resident_growth_measurable()
 
 
 def _timed(step, device: torch.device) -> float:
@@ -216,6 +224,13 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     if not 1 <= small < large:
         raise ValueError(f"probe sizes {small}, {large}: need 1 <= small < large")
     free = free_memory(device)
+    resident = measures_resident(device)
+    if resident:   # first-use costs (thread pools, library pages) would count as the small probe's growth
+        probe_step(cfg, device, small, amp)()
+    elif device.type == "cpu" and cpu_allocator.is_keeping_freed_memory():
+        warnings.warn("freed memory is kept but this system does not let a process measure its resident peak "
+                      "(/proc/self/clear_refs): the plan counts the tensors' peaks only, below what the kept heap "
+                      f"holds; lower dp.memory_fraction or set {cpu_allocator.ENV}=system", stacklevel=2)
     probes = (probe(cfg, device, small, amp), probe(cfg, device, large, amp))
     # (a tiny network's per-example memory can drown in the allocator's noise, the larger probe peaking no
     # higher: the fit then says "about nothing per example", the cap below bounds the candidate, and the
@@ -234,7 +249,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
                 f"{free / 2**30:.2f} GiB free on {device} ({per_example / 2**20:.0f} MiB per example + "
                 f"{fixed / 2**20:.0f} MiB fixed): free memory, raise dp.memory_fraction, or lower "
                 "loss.n_noise_samples or the network's size")
-        planned = _try(cfg, device, candidate, amp)
+        planned = _try(cfg, device, candidate, amp, repeats=2 if resident else 1)   # kept: the heap settles
         if planned is not None and planned.peak_bytes <= budget:
             break
         measured = planned.peak_bytes if planned is not None else 2 * budget   # (a GPU out of memory: halve)
@@ -245,17 +260,16 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     first = probes[0]
     seconds_per_example = max((planned.seconds - first.seconds) / max(planned.examples - first.examples, 1), 0.0)
     seconds_per_pass = max(first.seconds - first.examples * seconds_per_example, 0.0)
-    resident = device.type == "cpu" and cpu_allocator.is_keeping_freed_memory()
-    if resident:
+    if device.type == "cpu":
         cpu_allocator.release_free_memory()   # what the probes' larger tries left in the heap
     return PassPlan(str(device), candidate, per_example, fixed, free, fraction, seconds_per_example, seconds_per_pass,
                     probes, planned, resident)
 
 
-def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None) -> Probe | None:
+def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None, repeats: int) -> Probe | None:
     """A probe step of ``examples``; None when the GPU runs out of memory (the CPU has no such error)."""
     try:
-        return probe(cfg, device, examples, amp, repeats=1)
+        return probe(cfg, device, examples, amp, repeats=repeats)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return None
