@@ -17,7 +17,7 @@ import time
 import torch
 
 from .engines import build_engine
-from ..engine.profiling import peak_allocated_bytes
+from ..engine.profiling import peak_allocated_bytes, reset_resident_peak, resident_bytes
 
 
 def _sync(device: torch.device) -> None:
@@ -141,29 +141,11 @@ def peak_memory_here(engine: str, workload: str, B: int, K: int, device: str) ->
             torch.cuda.empty_cache()
             peak = peak_allocated_bytes(build_and_step, dev)
             return {"status": "ok", "peak_bytes": peak, "params": built["params"]}
-        _reset_peak_rss()
+        reset_resident_peak()   # (where not permitted the peak includes start-up)
         peak = peak_allocated_bytes(build_and_step, dev)
     except Exception as e:  # noqa: BLE001
         return {"status": _failure(e)}
-    return {"status": "ok", "peak_bytes": peak, "peak_rss_bytes": _status_kb("VmHWM") * 1024, "params": built["params"]}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS counter (VmHWM) and return the current RSS in bytes."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or not permitted: the peak then includes start-up
-        return 0
-    return _status_kb("VmRSS") * 1024
+    return {"status": "ok", "peak_bytes": peak, "peak_rss_bytes": resident_bytes("VmHWM"), "params": built["params"]}
 
 
 def peak_memory(engine: str, workload: str, B: int, K: int, device: str, threads: int) -> dict:

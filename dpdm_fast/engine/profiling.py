@@ -57,20 +57,27 @@ def peak_resident_growth(fn) -> int | None:
     from .cpu_allocator import release_free_memory
 
     release_free_memory()
-    try:
-        start = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")     # reset the high-water mark (VmHWM) to the resident memory now
-    except OSError:
-        fn()
-        return None
+    start = reset_resident_peak()
     fn()
-    return (_status_kib("VmHWM") - start) * 1024
+    return None if start is None else resident_bytes("VmHWM") - start
 
 
-def _status_kib(field: str) -> int:
+def reset_resident_peak() -> int | None:
+    """Reset the kernel's high-water mark of this process's resident memory (VmHWM) to what is resident
+    now, and return that in bytes; None where the kernel does not permit it (not Linux, a sandbox)."""
+    try:
+        start = resident_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return start
+
+
+def resident_bytes(field: str) -> int:
+    """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) * 1024
     raise OSError(f"/proc/self/status has no {field}")
