@@ -22,7 +22,7 @@ import resource, torch
 from dpdm_fast.engine import cpu_allocator
 print(cpu_allocator.keep_freed_memory())
 faults = []
-for _ in range(8):
+for _ in range(16):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(50_000_000)        # 200 MB: above glibc's largest mmap threshold (32 MiB)
     small = torch.ones(10)            # something small and live after it, as in a pass
@@ -50,8 +50,9 @@ def test_kept_memory_is_reused_without_page_faults_and_glibcs_policy_faults_ever
     system_faults = [int(f) for f in system.split("FAULTS")[1].split()]
     # (relative: with transparent huge pages on "always" every count drops ~500x, the ratio does not)
     assert kept_faults[0] > 0.5 * min(system_faults) > 0      # the first buffer is faulted in either way
-    # later ones reuse the kept heap once it has settled (seen here: by the 2nd to 4th buffer)
-    assert max(kept_faults[4:]) < 0.1 * min(system_faults)
+    # later ones reuse the kept heap once it has settled. How soon varies with the small allocations
+    # around them (seen: by the 2nd to 5th buffer), so only the last 6 of 16 are asked to be free of faults
+    assert max(kept_faults[-6:]) < 0.1 * min(system_faults)
 
 
 def test_an_unknown_allocator_setting_is_an_error(monkeypatch):
