@@ -58,6 +58,30 @@ def test_a_probe_that_does_not_grow_with_the_batch_plans_the_expected_batch_and_
     assert plan.examples_per_pass == 6 and sizes[-1] == 6
 
 
+def test_a_far_cpu_candidate_is_approached_through_a_stepping_stone(data, monkeypatch):
+    """Memory that grows faster than linearly (a kept heap's fragmentation): the line through the two small
+    probes predicts a pass that would peak far above the budget, which on the CPU means the OOM killer. The
+    probe at half the candidate refits the line, so no step tried comes near that."""
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": "", "train.batch_size": 1000})
+    budget = 20e9
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: int(budget / 0.8))
+    tried = []
+
+    def peak(examples):
+        return 1e9 + 100e6 * examples + 0.5e6 * examples**2
+
+    def convex_probe(cfg, device, examples, amp=None, repeats=2):
+        tried.append(examples)
+        return memory_plan.Probe(examples, int(peak(examples)), 1.0)
+    monkeypatch.setattr(memory_plan, "probe", convex_probe)
+    plan = memory_plan.plan_passes(cfg, CPU)
+    straight_line = (budget - 0.996e9) // 103e6                   # the two small probes' prediction
+    assert peak(straight_line) > 1.7 * budget
+    assert tried[2] == straight_line // 2 and plan.probes[2].examples == tried[2]
+    assert max(peak(n) for n in tried) < 1.15 * budget
+    assert plan.planned.peak_bytes <= budget < peak(plan.examples_per_pass + 1) * 1.1
+
+
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):
     cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto"})
     monkeypatch.setattr(memory_plan, "free_memory", lambda device: 1000)
