@@ -80,6 +80,9 @@ def test_a_far_cpu_candidate_is_approached_through_a_stepping_stone(data, monkey
     assert tried[2] == straight_line // 2 and plan.probes[2].examples == tried[2]
     assert max(peak(n) for n in tried) < 1.15 * budget
     assert plan.planned.peak_bytes <= budget < peak(plan.examples_per_pass + 1) * 1.1
+    assert [p.examples for p in plan.too_large] == tried[3:-1] != []              # and the plan says what it tried
+    text = plan.describe(expected_batch=1000, steps_per_epoch=7)
+    assert f"{tried[3]} examples: {peak(tried[3]) / 2**20:.0f} MiB, 1.00 s (too large)" in text
 
 
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):

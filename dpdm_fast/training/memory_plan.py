@@ -60,6 +60,7 @@ class PassPlan:
     probes: tuple[Probe, ...]
     planned: Probe                 # the step at the planned size itself, whose measured peak fits
     resident: bool = False         # peaks are the process's resident growth (CPU, freed memory kept)
+    too_large: tuple[Probe, ...] = ()   # verification steps whose peak did not fit (peak -1: GPU out of memory)
 
     def peak_bytes(self, examples: int) -> float:
         return self.fixed_bytes + examples * self.bytes_per_example
@@ -79,8 +80,9 @@ class PassPlan:
             f"  memory: {self.bytes_per_example / 2**20:.1f} MiB per example + {self.fixed_bytes / 2**20:.0f} MiB "
             f"fixed (fitted{measured}); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free; a pass of "
             f"{self.examples_per_pass} measured at {self.planned.peak_bytes / gib:.2f} GiB",
-            f"  probe steps: " + ", ".join(f"{p.examples} examples: {p.peak_bytes / 2**20:.0f} MiB, {p.seconds:.2f} s"
-                                           for p in self.probes + (self.planned,)),
+            "  probe steps: " + ", ".join([_step_text(p) for p in self.probes]
+                                          + [_step_text(p) + " (too large)" for p in self.too_large]
+                                          + [_step_text(self.planned)]),
             f"  time (measured at the planned size and the smallest): {self.seconds_per_example * 1e3:.1f} ms per example + "
             f"{self.seconds_per_pass:.2f} s per pass; a step of {expected_batch:g} examples about {step_s:.0f} s, "
             f"an epoch ({steps_per_epoch:g} steps) about {_duration(step_s * steps_per_epoch)}",
@@ -111,6 +113,12 @@ def why_saved_pass_misfits(record: dict | None, device: torch.device, fraction: 
         return (f"the checkpoint's pass peaked at {record['peak_bytes'] / 2**30:.2f} GiB, above {fraction * 100:g}% of "
                 f"the {budget / fraction / 2**30:.2f} GiB free on {device} now")
     return None
+
+
+def _step_text(step: Probe) -> str:
+    if step.peak_bytes < 0:
+        return f"{step.examples} examples: out of memory"
+    return f"{step.examples} examples: {step.peak_bytes / 2**20:.0f} MiB, {step.seconds:.2f} s"
 
 
 def _duration(seconds: float) -> str:
@@ -255,6 +263,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
         per_example = max((stone.peak_bytes - probes[1].peak_bytes) / (stone.examples - large), per_example)
         fixed = max(stone.peak_bytes - stone.examples * per_example, 0.0)
         candidate = min(math.floor((budget - fixed) / per_example), batch)
+    too_large = []
     for _ in range(attempts):
         if candidate < 1:
             raise RuntimeError(
@@ -265,6 +274,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
         planned = _try(cfg, device, candidate, amp, repeats=2 if resident else 1)   # kept: the heap settles
         if planned is not None and planned.peak_bytes <= budget:
             break
+        too_large.append(planned or Probe(candidate, -1, float("nan")))
         measured = planned.peak_bytes if planned is not None else 2 * budget   # (a GPU out of memory: halve)
         candidate = min(candidate - 1, math.floor(candidate * (budget - fixed) / max(measured - fixed, 1.0)))
     else:
@@ -276,7 +286,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     if device.type == "cpu":
         cpu_allocator.release_free_memory()   # what the probes' larger tries left in the heap
     return PassPlan(str(device), candidate, per_example, fixed, free, fraction, seconds_per_example, seconds_per_pass,
-                    probes, planned, resident)
+                    probes, planned, resident, tuple(too_large))
 
 
 def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None, repeats: int) -> Probe | None:
