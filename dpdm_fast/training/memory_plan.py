@@ -256,7 +256,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     if device.type == "cpu" and candidate > 2 * large:
         # On the CPU a verification step that overshoots is not an error to catch but the OOM killer, and the
         # line through two small probes can be far off ten times further out (a kept heap's fragmentation
-        # grows with the pass: Fashion-MNIST's first candidate measured 21.1 GiB against a budget of 18.2).
+        # grows with the pass: Fashion-MNIST's first candidate measured about 20 GiB against a budget of 18.2).
         # A stepping stone at half the candidate refits the line where it is used, never less steep.
         stone = probe(cfg, device, candidate // 2, amp)
         probes += (stone,)
