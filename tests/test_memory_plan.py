@@ -85,6 +85,20 @@ def test_a_far_cpu_candidate_is_approached_through_a_stepping_stone(data, monkey
     assert f"{tried[3]} examples: {peak(tried[3]) / 2**20:.0f} MiB, 1.00 s (too large)" in text
 
 
+def test_the_stepping_stone_is_always_above_the_larger_probe(data, monkeypatch):
+    """A candidate of 2 * 4 + 1 = 9: half of it would be the larger probe itself (a refit through one point)."""
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": "", "train.batch_size": 1000})
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: int((9.5e9 + 1e9) / 0.8))
+    tried = []
+
+    def linear_probe(cfg, device, examples, amp=None, repeats=2):
+        tried.append(examples)
+        return memory_plan.Probe(examples, int(1e9 + 1e9 * examples), 1.0)
+    monkeypatch.setattr(memory_plan, "probe", linear_probe)
+    plan = memory_plan.plan_passes(cfg, CPU)
+    assert tried == [2, 4, 5, 9] and plan.examples_per_pass == 9 and plan.too_large == ()
+
+
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):
     cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto"})
     monkeypatch.setattr(memory_plan, "free_memory", lambda device: 1000)

@@ -258,7 +258,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
         # line through two small probes can be far off ten times further out (a kept heap's fragmentation
         # grows with the pass: Fashion-MNIST's first candidate measured about 20 GiB against a budget of 18.2).
         # A stepping stone at half the candidate refits the line where it is used, never less steep.
-        stone = probe(cfg, device, candidate // 2, amp)
+        stone = probe(cfg, device, max(candidate // 2, large + 1), amp)
         probes += (stone,)
         per_example = max((stone.peak_bytes - probes[1].peak_bytes) / (stone.examples - large), per_example)
         fixed = max(stone.peak_bytes - stone.examples * per_example, 0.0)
