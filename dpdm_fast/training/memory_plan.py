@@ -227,7 +227,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     """Probe the configured network at two sizes, predict the largest pass that fits in ``dp.memory_fraction``
     of the free memory, then run a step of that size: accepted if its measured peak fits, else the size is
     shrunk by the measured excess and tried again (the prediction is a straight line; some rules change
-    their temporaries with the batch size). On the CPU a prediction more than twice the larger probe is
+    their temporaries with the batch size). On the CPU a prediction more than four times the larger probe is
     first approached through a probe at half of it, which refits the line. The time per example comes from
     the small probe and the step at the planned size."""
     small, large = probe_examples or PROBE_EXAMPLES.get(device.type, (2, 4))
@@ -245,23 +245,23 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     # (a tiny network's per-example memory can drown in the allocator's noise, the larger probe peaking no
     # higher: the fit then says "about nothing per example", the cap below bounds the candidate, and the
     # verification step measures it like any other)
-    per_example = max((probes[1].peak_bytes - probes[0].peak_bytes) / (large - small), 1.0)
-    fixed = max(probes[0].peak_bytes - small * per_example, 0.0)
+    per_example, fixed = _line_above(probes[0], probes[1], min_slope=1.0)
     fraction = float(cfg.dp.memory_fraction)
     budget = fraction * free
     # no pass larger than the expected batch (public): larger passes would only serve a Poisson excess, and
     # the verification step would run at a size training never reaches
     batch = int(cfg.train.batch_size)
     candidate = min(math.floor((budget - fixed) / per_example), batch)
-    if device.type == "cpu" and candidate > 2 * large:
+    if device.type == "cpu" and candidate > 4 * large:
         # On the CPU a verification step that overshoots is not an error to catch but the OOM killer, and the
         # line through two small probes can be far off ten times further out (a kept heap's fragmentation
         # grows with the pass: Fashion-MNIST's first candidate measured about 20 GiB against a budget of 18.2).
-        # A stepping stone at half the candidate refits the line where it is used, never less steep.
-        stone = probe(cfg, device, max(candidate // 2, large + 1), amp)
+        # A stepping stone at half the candidate refits the line where it is used, never less steep; only for a
+        # candidate this far out, so that the stone's slope spans at least `large` examples (over fewer, a small
+        # network's allocator noise decides it: a tiny test network's plan fell 3 examples short).
+        stone = probe(cfg, device, candidate // 2, amp)
+        per_example, fixed = _line_above(probes[1], stone, min_slope=per_example)
         probes += (stone,)
-        per_example = max((stone.peak_bytes - probes[1].peak_bytes) / (stone.examples - large), per_example)
-        fixed = max(stone.peak_bytes - stone.examples * per_example, 0.0)
         candidate = min(math.floor((budget - fixed) / per_example), batch)
     too_large = []
     for _ in range(attempts):
@@ -287,6 +287,13 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
         cpu_allocator.release_free_memory()   # what the probes' larger tries left in the heap
     return PassPlan(str(device), candidate, per_example, fixed, free, fraction, seconds_per_example, seconds_per_pass,
                     probes, planned, resident, tuple(too_large))
+
+
+def _line_above(lower: Probe, upper: Probe, min_slope: float) -> tuple[float, float]:
+    """Bytes per example and fixed bytes of the line through ``lower`` with the two probes' slope, or
+    ``min_slope`` where that is steeper: at or above both measured peaks (and the fixed part not negative)."""
+    slope = max((upper.peak_bytes - lower.peak_bytes) / (upper.examples - lower.examples), min_slope)
+    return slope, max(lower.peak_bytes - lower.examples * slope, 0.0)
 
 
 def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None, repeats: int) -> Probe | None:
