@@ -21,8 +21,9 @@
 #   08_audit          the one-run audit (default setting) with the Triton backend
 #
 # --data DIR: the folder holding mnist/ (default: shared/data in this checkout, else ../shared/data);
-# on the device machine, copy ../shared/data/mnist into a git-excluded folder and carry it. Opacus
-# travels as a wheel in .whl/ (see bench/RESULTS.md); without it the Opacus parts say so.
+# on the device machine, `python bench/gpu_carry.py` first copies ../shared/data/mnist into shared/data and
+# downloads the wheels the device image lacks (omegaconf, kornia, Opacus) into .whl/, both git-excluded;
+# carry both. Without omegaconf or kornia the run stops at once, saying so; without Opacus its parts say so.
 # --cpu-dry-run: the same sections on the CPU with tiny shapes and the torch backend (pytest collects the
 # GPU tests without running them), about a minute: a default test runs it, so the script cannot rot.
 set -uo pipefail
@@ -68,6 +69,15 @@ DPDM="python3 -m dpdm_fast.cli"
 
 BUDGET=${GPU_CHECK_BUDGET_S:-530}
 : > "$OUT/summary.txt"
+# a machine without the carried wheels (bench/gpu_carry.py) would fail every section past the kernel tests
+# at its first import: stop at once, naming what is missing, before the GPU's minutes go to failures
+python3 bench/gpu_carry.py --check > "$OUT/00_preflight.txt" 2>&1
+PREFLIGHT=$?
+cat "$OUT/00_preflight.txt"
+if [ $PREFLIGHT -ne 0 ]; then
+  echo "00_preflight rc=$PREFLIGHT (stopped: see 00_preflight.txt)" | tee -a "$OUT/summary.txt"
+  exit 3
+fi
 budget_left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # section NAME LIMIT_S COMMAND...: run it with what is left of the budget, log it, record its status
 section() {
