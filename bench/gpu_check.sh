@@ -106,7 +106,7 @@ if [ $DRY -eq 1 ]; then
   PUBLISHED=(configs/mnist_28/train_eps_10.0.yaml "${TINY[@]}" dp.max_physical_batch_size=auto dp.memory_fraction=0.01)
   GRID=(--device cpu --engines nonprivate,dpdm_fast,opacus_kavg --workloads small --grid 2x2 --repeats 1 --no-memory)
   RUN=(configs/mnist_28/train_eps_10.0.yaml "${TINY[@]}" data.public_size=null train.batch_size=32 train.n_epochs=1
-       dp.delta=1e-3 dp.max_physical_batch_size=16 dp.n_splits=1 train.snapshot_freq=1000)
+       dp.delta=1e-6 dp.max_physical_batch_size=16 dp.n_splits=1 train.snapshot_freq=1000)
   RUN_NCCL=("${RUN[@]}")
   TRAIN_STEPS=(--max-steps 2)
   SAMPLE=(--n 20 --steps 3 --batch 20)
