@@ -281,3 +281,11 @@ def test_sigterm_to_the_launcher_reaches_every_rank_and_the_run_stops_with_a_che
     assert out.count("interrupted by SIGTERM") == 1 and "Traceback" not in out
     state = load(tmp_path / "checkpoint.pt")
     assert state["privacy"]["engine"]["accountant"]["history"][0][2] == state["step"] >= 2
+
+
+def test_two_cpu_ranks_on_one_node_plan_auto_passes_on_half_its_memory_each(data, tmp_path):
+    """Both ranks run passes of the planned size at once on the node's memory: the plan says it took the
+    share torchrun's LOCAL_WORLD_SIZE gives (planned on the whole node, two ranks would overcommit it)."""
+    out = _launch(data, tmp_path, "--max-steps", "1", *_two_ranks(), "dp.max_physical_batch_size=auto")
+    assert "this process's share: 2 processes of the run on this node's memory" in out, out
+    assert "physical batch (dp.max_physical_batch_size: auto)" in out and "stopped at --max-steps 1" in out

@@ -102,6 +102,35 @@ def test_the_stepping_stone_is_taken_only_for_a_candidate_far_beyond_the_larger_
         assert tried == expected and plan.examples_per_pass == fitting and plan.too_large == ()
 
 
+def test_the_cpu_memory_is_shared_by_the_runs_processes_on_the_node(monkeypatch):
+    """torchrun's CPU processes on one node each run passes at once: each plans on its share of the memory."""
+    monkeypatch.setattr(memory_plan, "_available_cpu_memory", lambda: 8 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory_plan.free_memory(CPU) == 8 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert memory_plan.free_memory(CPU) == 4 * 2**30
+    assert memory_plan.processes_sharing_memory(torch.device("cuda", 0)) == 1   # each rank has its own GPU
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
+        memory_plan.free_memory(CPU)
+
+
+def test_two_cpu_processes_on_a_node_plan_passes_that_fit_together(data, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto", "data.path": "", "train.batch_size": 1000})
+    monkeypatch.setattr(memory_plan, "probe",
+                        lambda cfg, device, examples, amp=None, repeats=2: memory_plan.Probe(
+                            examples, int(1e9 + 1e9 * examples), 1.0))
+    # the node: room for two processes' passes of 12 in 80% of it (1e9 fixed + 1e9 per example each)
+    monkeypatch.setattr(memory_plan, "_available_cpu_memory", lambda: int(2 * 13.5e9 / 0.8))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = memory_plan.plan_passes(cfg, CPU)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    shared = memory_plan.plan_passes(cfg, CPU)
+    assert shared.examples_per_pass == 12 and alone.examples_per_pass == 26
+    assert "2 processes of the run on this node" in shared.describe(1000, 60)
+    assert "processes of the run" not in alone.describe(1000, 60)
+
+
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):
     cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto"})
     monkeypatch.setattr(memory_plan, "free_memory", lambda device: 1000)

@@ -9,7 +9,8 @@ activations, the per-example buffer), so the two peaks give the bytes per exampl
 after the probe; the run's EMA copy is not measured: ``dp.memory_fraction``'s margin covers it, a few MiB
 for the published networks); the plan is the largest pass that fits in ``dp.memory_fraction`` of the
 memory free when it is measured (GPU: ``torch.cuda.mem_get_info``; CPU: the kernel's MemAvailable,
-which does not see a container's cgroup limit: inside a smaller container, set a number instead).
+which does not see a container's cgroup limit: inside a smaller container, set a number instead; shared
+equally by the run's processes on the node, each of which runs such passes at once).
 
 Privacy: the probe's images are zeros and its labels 0; nothing of the private data is read, so the
 pass size depends on the device and the config only (and the physical batching never changes the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import time
 import warnings
@@ -61,6 +63,7 @@ class PassPlan:
     planned: Probe                 # the step at the planned size itself, whose measured peak fits
     resident: bool = False         # peaks are the process's resident growth (CPU, freed memory kept)
     too_large: tuple[Probe, ...] = ()   # verification steps whose peak did not fit (peak -1: GPU out of memory)
+    sharing: int = 1               # processes of the run on this node's memory (CPU), free_bytes being one's share
 
     def peak_bytes(self, examples: int) -> float:
         return self.fixed_bytes + examples * self.bytes_per_example
@@ -78,7 +81,9 @@ class PassPlan:
             f"physical batch (dp.max_physical_batch_size: auto) on {self.device}: passes of {self.examples_per_pass} "
             f"examples (max_physical_batch_size = {self.examples_per_pass * n_splits} in {n_splits} split(s))",
             f"  memory: {self.bytes_per_example / 2**20:.1f} MiB per example + {self.fixed_bytes / 2**20:.0f} MiB "
-            f"fixed (fitted{measured}); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free; a pass of "
+            f"fixed (fitted{measured}); {self.memory_fraction * 100:g}% of {self.free_bytes / gib:.1f} GiB free"
+            + (f" (this process's share: {self.sharing} processes of the run on this node's memory)"
+               if self.sharing > 1 else "") + f"; a pass of "
             f"{self.examples_per_pass} measured at {self.planned.peak_bytes / gib:.2f} GiB",
             "  probe steps: " + ", ".join([_step_text(p) for p in self.probes]
                                           + [_step_text(p) + " (too large)" for p in self.too_large]
@@ -130,23 +135,42 @@ def _duration(seconds: float) -> str:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for this process on the device now."""
+    """Bytes free for this process on the device now: on the CPU its share of the node's available memory,
+    which every process of the run on this node draws on (``processes_sharing_memory``)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
         cpu_allocator.release_free_memory()   # free pages the heap keeps are this process's to use
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        raise RuntimeError("dp.max_physical_batch_size: auto reads the free memory from /proc/meminfo (Linux), "
-                           "which is not readable here: set dp.max_physical_batch_size to a number")
+        return _available_cpu_memory() // processes_sharing_memory(device)
     raise RuntimeError(f"dp.max_physical_batch_size: auto measures memory on CUDA GPUs and the CPU, not on "
                        f"{device}: set it to a number")
+
+
+def processes_sharing_memory(device: torch.device) -> int:
+    """How many of the run's processes draw on the memory this one's pass comes from: on the CPU every
+    process torchrun started on this node (``LOCAL_WORLD_SIZE``; each runs passes of the planned size at
+    once, so planning each on the whole node's memory would overcommit it that many times), on a GPU one
+    (each rank has its own device)."""
+    if device.type != "cpu":
+        return 1
+    text = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE={text!r}: expected the number of processes on this node (torchrun sets it)")
+    return int(text)
+
+
+def _available_cpu_memory() -> int:
+    """The kernel's MemAvailable, in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise RuntimeError("dp.max_physical_batch_size: auto reads the free memory from /proc/meminfo (Linux), "
+                       "which is not readable here: set dp.max_physical_batch_size to a number")
 
 
 def probe_step(cfg: DictConfig, device: torch.device, examples: int, amp: str | None = None):
@@ -286,7 +310,7 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
     if device.type == "cpu":
         cpu_allocator.release_free_memory()   # what the probes' larger tries left in the heap
     return PassPlan(str(device), candidate, per_example, fixed, free, fraction, seconds_per_example, seconds_per_pass,
-                    probes, planned, resident, tuple(too_large))
+                    probes, planned, resident, tuple(too_large), processes_sharing_memory(device))
 
 
 def _line_above(lower: Probe, upper: Probe, min_slope: float) -> tuple[float, float]:
