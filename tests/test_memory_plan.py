@@ -131,6 +131,46 @@ def test_two_cpu_processes_on_a_node_plan_passes_that_fit_together(data, monkeyp
     assert "processes of the run" not in alone.describe(1000, 60)
 
 
+def _kept_memory_with_a_linear_probe(monkeypatch, free_bytes: float) -> list[int]:
+    """The CPU with freed memory kept, probes costing 1e9 bytes + 1e9 per example, and free_bytes free."""
+    tried = []
+
+    def linear_probe(cfg, device, examples, amp=None, repeats=2):
+        tried.append(examples)
+        return memory_plan.Probe(examples, int(1e9 + 1e9 * examples), 1.0)
+    monkeypatch.setattr(memory_plan, "measures_resident", lambda device: True)
+    monkeypatch.setattr(memory_plan, "probe_step", lambda *a, **k: (lambda: None))
+    monkeypatch.setattr(memory_plan, "probe", linear_probe)
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: int(free_bytes))
+    return tried
+
+
+def test_a_numeric_pass_with_freed_memory_kept_is_checked_warned_about_or_refused(data, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": 40, "dp.n_splits": 2})
+    tried = _kept_memory_with_a_linear_probe(monkeypatch, 100e9)
+    fits = memory_plan.check_fixed_pass(cfg, CPU, 20)           # 21e9 bytes of 100e9 free
+    assert tried == [2, 4] and "passes of 20 examples need about 19.56 GiB" in fits and "OOM" not in fits
+    assert memory_plan.check_fixed_pass(cfg, CPU, 4) is None    # no larger than the probes: nothing to learn
+    _kept_memory_with_a_linear_probe(monkeypatch, 25e9)          # 21e9 > 80% of 25e9, < twice it
+    warned = memory_plan.check_fixed_pass(cfg, CPU, 20)
+    assert "the OOM killer may stop this run" in warned and "about 38 here, 19 examples a pass" in warned
+    _kept_memory_with_a_linear_probe(monkeypatch, 10e9)          # 21e9 > twice 10e9
+    with pytest.raises(ValueError, match="far more than there is; dp.max_physical_batch_size=auto"):
+        memory_plan.check_fixed_pass(cfg, CPU, 20)
+    monkeypatch.setattr(memory_plan, "measures_resident", lambda device: False)   # glibc's policy: not checked
+    assert memory_plan.check_fixed_pass(cfg, CPU, 20) is None
+
+
+def test_the_trainer_refuses_a_numeric_pass_far_beyond_memory_before_reading_the_data(data, tmp_path, monkeypatch):
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": 64, "data.path": str(tmp_path / "no_such_data")})
+    _kept_memory_with_a_linear_probe(monkeypatch, 10e9)
+    with pytest.raises(ValueError, match="passes of 64 examples need about"):
+        Trainer(cfg, tmp_path / "run")
+    _kept_memory_with_a_linear_probe(monkeypatch, 1000e9)
+    run = Trainer(tiny_config(data, **{"dp.max_physical_batch_size": 64}), tmp_path / "run2")
+    assert run.physical_batch_size == 64 and "passes of 64 examples need about 60.54 GiB" in run.memory_note
+
+
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):
     cfg = tiny_config(data, **{"dp.max_physical_batch_size": "auto"})
     monkeypatch.setattr(memory_plan, "free_memory", lambda device: 1000)

@@ -38,7 +38,7 @@ from ..generate import build_model, generate
 from ..imaging import save_grid
 from .. import checkpoint as ckpt
 from .ema import EMA
-from .memory_plan import AUTO, PassPlan, fixed_pass_size, plan_passes, why_saved_pass_misfits
+from .memory_plan import AUTO, PassPlan, check_fixed_pass, fixed_pass_size, plan_passes, why_saved_pass_misfits
 from .monitor import Monitor, SilentMonitor, StepStats, plot_curves
 from .optimizers import build_optimizer
 from .privacy_plan import PrivacyPlan, plan_privacy, quiet_accountant
@@ -164,6 +164,7 @@ class Trainer:
         self.pass_plan: PassPlan | None = None   # dp.max_physical_batch_size: auto, probed by this run
         self.pass_memory: dict | None = None     # its record (or the resumed checkpoint's), saved with each checkpoint
         self.replan_note: str | None = None      # why a resumed auto run did not keep its checkpoint's pass size
+        self.memory_note: str | None = None      # a numeric pass's memory check (CPU, freed memory kept)
         self.physical_batch_size = self._pass_size(saved)
 
         self.dataset = self._training_dataset()
@@ -186,7 +187,10 @@ class Trainer:
         continues exactly (the loss draws its noise per pass), unless that pass was planned on another kind of
         device or no longer fits in the memory free here: then it plans anew and says so."""
         if self.cfg.dp.max_physical_batch_size != AUTO:
-            return fixed_pass_size(self.cfg)
+            examples = fixed_pass_size(self.cfg)
+            self.memory_note = result_from_main(
+                self.ranks, lambda: check_fixed_pass(self.cfg, self.device, examples, self.amp))
+            return examples
         if saved is not None and saved.get("examples_per_pass"):
             record = saved.get("pass_memory")
             misfit = result_from_main(
@@ -511,7 +515,7 @@ class Trainer:
             out.write(f"{self.ranks.world_size} processes ({backend_name()}): each samples its shard of every Poisson "
                       "batch; the clipped sums are all-reduced and rank 0 adds the noise once (per-rank physical "
                       "batches as above)")
-        for note in (self.replan_note, self.resume_note):
+        for note in (self.replan_note, self.memory_note, self.resume_note):
             if note:
                 out.write(note)
         if not cfg.dp.secure_mode:

@@ -329,6 +329,36 @@ def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None, 
         return None
 
 
+def check_fixed_pass(cfg: DictConfig, device: torch.device, examples: int, amp: str | None = None) -> str | None:
+    """A numeric pass size on the CPU while freed memory is kept (``dpdm-fast train``'s default there): the
+    line of what it will hold, from two small probe steps, printed before the run starts; refused when that
+    line passes twice the memory free (no probe noise is that large: the published 8192 / 4 on a CPU), with a
+    warning above ``dp.memory_fraction`` of it. Why: the kept heap's resident cost is above the tensors' peak
+    a number may have been sized by (1.46x at the MNIST network's pass of 48), and on the CPU an overshoot
+    meets the OOM killer, not an error. None elsewhere (a GPU's overshoot is torch's OutOfMemoryError; glibc's
+    own policy is what numbers were sized under) and for passes no larger than the probes."""
+    small, large = PROBE_EXAMPLES["cpu"]
+    if not measures_resident(device) or examples <= large:
+        return None
+    free = free_memory(device)
+    probe_step(cfg, device, small, amp)()    # first-use costs, as in plan_passes
+    per_example, fixed = _line_above(probe(cfg, device, small, amp), probe(cfg, device, large, amp), min_slope=1.0)
+    cpu_allocator.release_free_memory()
+    need, fraction, splits = fixed + examples * per_example, float(cfg.dp.memory_fraction), int(cfg.dp.n_splits)
+    fitting = max(math.floor((fraction * free - fixed) / per_example), 0)
+    text = (f"memory check (dp.max_physical_batch_size {cfg.dp.max_physical_batch_size} / dp.n_splits {splits}, "
+            f"freed memory kept): passes of {examples} examples need about {need / 2**30:.2f} GiB "
+            f"({per_example / 2**20:.1f} MiB per example + {fixed / 2**20:.0f} MiB, the line through probe steps of "
+            f"{small} and {large} examples) of the {free / 2**30:.1f} GiB free on {device}")
+    advice = (f"dp.max_physical_batch_size=auto plans one that fits (about {fitting * splits} here, "
+              f"{fitting} examples a pass), or set {cpu_allocator.ENV}=system to keep glibc's policy")
+    if need > 2 * free:
+        raise ValueError(text + f": far more than there is; {advice}")
+    if need > fraction * free:
+        return text + f"; above {fraction * 100:g}% of it, the OOM killer may stop this run: {advice}"
+    return text
+
+
 def fixed_pass_size(cfg: DictConfig) -> int:
     """The examples per forward/backward pass of a numeric dp.max_physical_batch_size (DPDM's n_splits:
     each physical batch runs as n_splits passes of whole examples)."""
