@@ -2,7 +2,7 @@
 and MNIST. Run it here before the one prepared GPU run (``bench/gpu_check.sh``):
 
     python bench/gpu_carry.py            # .whl/ and shared/data/mnist in this checkout, both git-excluded
-    # then, with the device tool: run(command="bash bench/gpu_check.sh $OUT/gpu", carry=[".whl", "shared"], timeout_s=570)
+    # then, with the device tool: run(command="bash bench/gpu_check.sh /tmp/gpu --bundle $OUT/gpu_check.tgz", carry=[".whl", "shared"], timeout_s=570)
 
 The device machine reaches no network and its image (torch, Triton, numpy, scipy, matplotlib, pytest, ...)
 has no omegaconf, kornia or Opacus: without them every section past the kernel tests would fail at its
@@ -34,7 +34,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 
 # Modules the prepared run cannot do without (the CLI, configs, the warm-up), and those whose absence
 # only drops a column (Opacus: the grid's reference engine and the equivalence tests against it).
-NEEDED_MODULES = ("torch", "numpy", "scipy", "omegaconf", "kornia", "PIL", "tqdm", "matplotlib", "pytest")
+NEEDED_MODULES = ("torch", "numpy", "scipy", "omegaconf", "kornia", "kornia_rs", "PIL", "tqdm", "matplotlib", "pytest")
 OPTIONAL_MODULES = ("opacus", "triton")
 
 
@@ -45,24 +45,29 @@ def missing_modules(names: tuple[str, ...]) -> list[str]:
 
 def download_wheels(dest: Path, python_version: str = DEVICE_PYTHON) -> list[Path]:
     """Download ``CARRIED``'s wheels for the device's Python and platform into ``dest`` (no dependencies:
-    each one's own requirements are in the image or in ``CARRIED``, which the tests check)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for stale in dest.glob("*.whl"):    # one version of each: two stop the device's install
-        stale.unlink()
+    each one's own requirements are in the image or in ``CARRIED``, which the tests check). They replace
+    what ``dest`` held only once all are here (one version of each: two stop the device's install)."""
+    fresh = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(fresh, ignore_errors=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--python-version", python_version, "--implementation", "cp", "-d", str(dest)]
+               "--python-version", python_version, "--implementation", "cp", "-d", str(fresh)]
     for platform in PLATFORMS:
         command += ["--platform", platform]
     command += [f"{name}=={version}" for name, version in CARRIED.items()]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
+        shutil.rmtree(fresh, ignore_errors=True)
         raise SystemExit(f"pip could not download the wheels to carry (is PyPI reachable?):\n{done.stderr[-2000:]}")
+    shutil.rmtree(dest, ignore_errors=True)
+    fresh.rename(dest)
     return sorted(dest.glob("*.whl"))
 
 
 def exclude_from_git(repo: Path, *patterns: str) -> None:
     """Keep the carried folders out of commits (they travel through the device tool's ``carry``)."""
-    exclude = repo / ".git" / "info" / "exclude"
+    path = subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()    # (a worktree's .git is a file)
+    exclude = repo / path
     exclude.parent.mkdir(parents=True, exist_ok=True)
     present = exclude.read_text().splitlines() if exclude.exists() else []
     with exclude.open("a") as f:
@@ -72,13 +77,20 @@ def exclude_from_git(repo: Path, *patterns: str) -> None:
 
 
 def copy_mnist(source: Path, repo: Path) -> Path:
-    """Copy the MNIST files into ``repo/shared/data/mnist``, where ``gpu_check.sh`` looks first."""
+    """Copy the MNIST files into ``repo/shared/data/mnist``, where ``gpu_check.sh`` looks first, writable
+    (the shared copy is read-only: a later run must be able to replace it)."""
+    dest = repo / "shared" / "data" / "mnist"
     if not (source / "mnist").is_dir():
         raise SystemExit(f"no MNIST under {source} (--shared: the folder holding data/mnist)")
-    dest = repo / "shared" / "data" / "mnist"
-    if dest.exists():
+    if dest.exists() and dest.resolve() == (source / "mnist").resolve():
+        return dest                      # already there (shared/ is the source itself)
+    if dest.is_symlink():
+        dest.unlink()
+    elif dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(source / "mnist", dest)
+    shutil.copytree(source / "mnist", dest, copy_function=shutil.copyfile)
+    for path in (dest, *dest.rglob("*")):
+        path.chmod(path.stat().st_mode | 0o200)
     return dest
 
 
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     data = copy_mnist((args.shared or repo.parent / "shared") / "data", repo)
     print(f"{len(wheels)} wheels in .whl ({_size_mib(wheels):.1f} MiB):", ", ".join(w.name for w in wheels))
     print(f"MNIST in {data.relative_to(repo)} ({_size_mib(data.rglob('*')):.1f} MiB); both git-excluded")
-    print('then: run(command="bash bench/gpu_check.sh $OUT/gpu", carry=[".whl", "shared"], timeout_s=570)')
+    print('then: run(command="bash bench/gpu_check.sh /tmp/gpu --bundle $OUT/gpu_check.tgz", carry=[".whl", "shared"], timeout_s=570)')
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU run: every open GPU question in at most 9 minutes on one GPU, most valuable first.
 #
-#   bash bench/gpu_check.sh OUT [--data DIR] [--cpu-dry-run]
+#   bash bench/gpu_check.sh OUT [--data DIR] [--bundle FILE] [--cpu-dry-run]
 #
 # Each section runs under its own time limit and the whole under GPU_CHECK_BUDGET_S (default 530 s):
 # a section that would start with too little time left is recorded as skipped. Each writes
@@ -20,6 +20,9 @@
 #                     then a sample grid from its checkpoint (OUT/train/samples.png)
 #   08_audit          the one-run audit (default setting) with the Triton backend
 #
+# --bundle FILE: after every section, OUT (checkpoints and sample arrays left out) as one .tar.gz at FILE,
+# replaced whole each time: the device tool brings back at most 8 files from its $OUT, so run with
+# OUT on the machine's disk and FILE under $OUT (bench/gpu_carry.py prints the call).
 # --data DIR: the folder holding mnist/ (default: shared/data in this checkout, else ../shared/data);
 # on the device machine, `python bench/gpu_carry.py` first copies ../shared/data/mnist into shared/data and
 # downloads the wheels the device image lacks (omegaconf, kornia, Opacus) into .whl/, both git-excluded;
@@ -27,14 +30,16 @@
 # --cpu-dry-run: the same sections on the CPU with tiny shapes and the torch backend (pytest collects the
 # GPU tests without running them), about a minute: a default test runs it, so the script cannot rot.
 set -uo pipefail
-OUT=${1:?usage: bash bench/gpu_check.sh OUT [--data DIR] [--cpu-dry-run]}
+OUT=${1:?usage: bash bench/gpu_check.sh OUT [--data DIR] [--bundle FILE] [--cpu-dry-run]}
 shift
 DRY=0
 DATA=""
+BUNDLE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) DRY=1 ;;
     --data) DATA=${2:?--data needs a folder}; shift ;;
+    --bundle) BUNDLE=${2:?--bundle needs a file}; shift ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -46,15 +51,25 @@ OUT=$(cd "$OUT" && pwd)
 if [ -n "$DATA" ]; then
   DATA=$(cd "$DATA" 2>/dev/null && pwd) || { echo "no data folder $DATA (--data DIR, holding mnist/)" >&2; exit 2; }
 fi
+if [ -n "$BUNDLE" ]; then
+  mkdir -p "$(dirname "$BUNDLE")"
+  BUNDLE="$(cd "$(dirname "$BUNDLE")" && pwd)/$(basename "$BUNDLE")"
+fi
 cd "$(dirname "$0")/.."
 if [ -z "$DATA" ]; then
   if [ -d shared/data/mnist ]; then DATA=shared/data; else DATA=../shared/data; fi
   DATA=$(cd "$DATA" 2>/dev/null && pwd) || { echo "no data folder $DATA (--data DIR, holding mnist/)" >&2; exit 2; }
 fi
 export PYTHONUNBUFFERED=1
+: > "$OUT/00_preflight.txt"
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
+  # (pip's own words kept for the preflight's record: a wheel for another Python fails here, not later)
+  if python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+      >> "$OUT/00_preflight.txt" 2>&1; then
+    export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}/tmp/site"
+  else
+    echo "installing the carried wheels (.whl/*.whl) failed: pip's output above" >> "$OUT/00_preflight.txt"
+  fi
 fi
 # A plain checkout (the device machine): the package from here, kernels/ and csrc/ linked in as installed
 LINKED=()
@@ -71,14 +86,21 @@ BUDGET=${GPU_CHECK_BUDGET_S:-530}
 : > "$OUT/summary.txt"
 # a machine without the carried wheels (bench/gpu_carry.py) would fail every section past the kernel tests
 # at its first import: stop at once, naming what is missing, before the GPU's minutes go to failures
-python3 bench/gpu_carry.py --check > "$OUT/00_preflight.txt" 2>&1
+python3 bench/gpu_carry.py --check >> "$OUT/00_preflight.txt" 2>&1
 PREFLIGHT=$?
 cat "$OUT/00_preflight.txt"
 if [ $PREFLIGHT -ne 0 ]; then
   echo "00_preflight rc=$PREFLIGHT (stopped: see 00_preflight.txt)" | tee -a "$OUT/summary.txt"
+  bundle
   exit 3
 fi
 budget_left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+# bundle: OUT so far as one archive (written aside, then moved: a run cut off mid-write keeps the last whole one)
+bundle() {
+  [ -n "$BUNDLE" ] || return 0
+  tar -C "$(dirname "$OUT")" --exclude='*.pt' --exclude='*.npz' --exclude="$(basename "$BUNDLE")*" \
+    -czf "$BUNDLE.partial" "$(basename "$OUT")" && mv -f "$BUNDLE.partial" "$BUNDLE"
+}
 # section NAME LIMIT_S COMMAND...: run it with what is left of the budget, log it, record its status
 section() {
   local name=$1 limit=$2 left t0 rc
@@ -95,6 +117,7 @@ section() {
   rc=$?
   tail -n 4 "$OUT/$name.txt"
   echo "$name rc=$rc $(( $(date +%s) - t0 ))s$([ $rc -eq 124 ] && echo ' (time limit)')" | tee -a "$OUT/summary.txt"
+  bundle
 }
 
 if [ $DRY -eq 1 ]; then
@@ -173,3 +196,5 @@ fi
 section 08_audit 60 $DPDM audit "${AUDIT[@]}" data.path="$DATA/mnist" --device $DEVICE --no-progress \
   --out "$OUT/audit"
 echo "total $(( $(date +%s) - START ))s; summary in $OUT/summary.txt"
+bundle
+if [ -n "$BUNDLE" ]; then echo "bundle: $BUNDLE ($(du -k "$BUNDLE" | cut -f1) KiB)"; fi

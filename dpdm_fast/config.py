@@ -157,7 +157,7 @@ class DPConfig:
     # measured by a probe step of the configured network (dpdm-fast info CONFIG shows the plan)
     max_physical_batch_size: Union[int, str] = 8192
     n_splits: int = 4   # each physical batch runs as n_splits passes (memory: max_physical_batch_size / n_splits examples)
-    memory_fraction: float = 0.8   # (auto only) the share of the free memory a pass may use
+    memory_fraction: float = 0.8   # the share of the free memory an auto pass may use (a numeric one: warned above it)
     accountant: str = "rdp"
     secure_mode: bool = False
     # auto (Triton kernels on a GPU, torch on the CPU) | torch | triton | cuda: see the README's Backends

@@ -113,6 +113,9 @@ def test_the_cpu_memory_is_shared_by_the_runs_processes_on_the_node(monkeypatch)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
         memory_plan.free_memory(CPU)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "3")     # ranks started by hand, no torchrun: all of them may be here
+    assert memory_plan.processes_sharing_memory(CPU) == 3
 
 
 def test_two_cpu_processes_on_a_node_plan_passes_that_fit_together(data, monkeypatch):
@@ -149,7 +152,7 @@ def test_a_numeric_pass_with_freed_memory_kept_is_checked_warned_about_or_refuse
     cfg = tiny_config(data, **{"dp.max_physical_batch_size": 40, "dp.n_splits": 2})
     tried = _kept_memory_with_a_linear_probe(monkeypatch, 100e9)
     fits = memory_plan.check_fixed_pass(cfg, CPU, 20)           # 21e9 bytes of 100e9 free
-    assert tried == [2, 4] and "passes of 20 examples need about 19.56 GiB" in fits and "OOM" not in fits
+    assert tried == [2, 4] and "passes of up to 20 examples need about 19.56 GiB" in fits and "OOM" not in fits
     assert memory_plan.check_fixed_pass(cfg, CPU, 4) is None    # no larger than the probes: nothing to learn
     _kept_memory_with_a_linear_probe(monkeypatch, 25e9)          # 21e9 > 80% of 25e9, < twice it
     warned = memory_plan.check_fixed_pass(cfg, CPU, 20)
@@ -164,11 +167,30 @@ def test_a_numeric_pass_with_freed_memory_kept_is_checked_warned_about_or_refuse
 def test_the_trainer_refuses_a_numeric_pass_far_beyond_memory_before_reading_the_data(data, tmp_path, monkeypatch):
     cfg = tiny_config(data, **{"dp.max_physical_batch_size": 64, "data.path": str(tmp_path / "no_such_data")})
     _kept_memory_with_a_linear_probe(monkeypatch, 10e9)
-    with pytest.raises(ValueError, match="passes of 64 examples need about"):
+    # a pass never holds more than the Poisson batch (expected 32 here): checked at its bound, 32 + 4 sqrt(32) + 1
+    with pytest.raises(ValueError, match="passes of up to 56 examples need about"):
         Trainer(cfg, tmp_path / "run")
     _kept_memory_with_a_linear_probe(monkeypatch, 1000e9)
     run = Trainer(tiny_config(data, **{"dp.max_physical_batch_size": 64}), tmp_path / "run2")
-    assert run.physical_batch_size == 64 and "passes of 64 examples need about 60.54 GiB" in run.memory_note
+    assert run.physical_batch_size == 64 and "passes of up to 56 examples need about 53.09 GiB" in run.memory_note
+
+
+def test_the_largest_pass_is_bounded_by_the_public_expected_batch_per_process(data, monkeypatch):
+    cfg = tiny_config(data, **{"train.batch_size": 4096, "dp.max_physical_batch_size": 8192, "dp.n_splits": 4})
+    assert memory_plan.largest_pass(cfg) == 4096 + 256 + 1 and memory_plan.largest_pass(cfg, 2) == 2231
+    tried = _kept_memory_with_a_linear_probe(monkeypatch, 1e15)
+    small = tiny_config(data, **{"train.batch_size": 2})      # passes of at most 2 + 4 sqrt(2) + 1 = 9 examples
+    assert "passes of up to 9 examples" in memory_plan.check_fixed_pass(small, CPU, 2048) and tried == [2, 4]
+
+
+def test_the_probes_of_a_memory_check_leave_no_path_choices_behind(data, monkeypatch):
+    from dpdm_fast.engine import autotune
+    monkeypatch.setattr(memory_plan, "measures_resident", lambda device: True)
+    monkeypatch.setattr(memory_plan, "free_memory", lambda device: 2**40)
+    cfg = tiny_config(data, **{"dp.max_physical_batch_size": 16})
+    autotune.clear_cache()
+    assert memory_plan.check_fixed_pass(cfg, CPU, 16) is not None      # real probe steps of the tiny network
+    assert autotune._CHOICES == {}
 
 
 def test_not_even_one_example_fitting_is_a_clear_error(data, monkeypatch):

@@ -189,7 +189,7 @@ class Trainer:
         if self.cfg.dp.max_physical_batch_size != AUTO:
             examples = fixed_pass_size(self.cfg)
             self.memory_note = result_from_main(
-                self.ranks, lambda: check_fixed_pass(self.cfg, self.device, examples, self.amp))
+                self.ranks, lambda: check_fixed_pass(self.cfg, self.device, examples, self.amp, self.ranks.world_size))
             return examples
         if saved is not None and saved.get("examples_per_pass"):
             record = saved.get("pass_memory")

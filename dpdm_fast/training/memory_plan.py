@@ -149,14 +149,17 @@ def free_memory(device: torch.device) -> int:
 
 def processes_sharing_memory(device: torch.device) -> int:
     """How many of the run's processes draw on the memory this one's pass comes from: on the CPU every
-    process torchrun started on this node (``LOCAL_WORLD_SIZE``; each runs passes of the planned size at
-    once, so planning each on the whole node's memory would overcommit it that many times), on a GPU one
-    (each rank has its own device)."""
+    process torchrun started on this node (``LOCAL_WORLD_SIZE``, else all of ``WORLD_SIZE``; each runs
+    passes of the planned size at once, so planning each on the whole node's memory would overcommit it
+    that many times), on a GPU one (each rank has its own device). Rank 0 plans for every node: nodes
+    are taken to be alike."""
     if device.type != "cpu":
         return 1
-    text = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    name = "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in os.environ else "WORLD_SIZE"
+    # (ranks started by hand, without torchrun's LOCAL_WORLD_SIZE: all of them may be on this node)
+    text = os.environ.get(name, "1")
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"LOCAL_WORLD_SIZE={text!r}: expected the number of processes on this node (torchrun sets it)")
+        raise ValueError(f"{name}={text!r}: expected a number of processes (torchrun sets it)")
     return int(text)
 
 
@@ -204,8 +207,25 @@ def probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None 
     """Peak memory of building the probe and running one step (in one measurement), then its time. The
     step's first pass tunes every rule's path anew (with ``dp.autotune``), as a training run does at its
     first pass of each size: its candidate paths' temporaries count in the peak."""
-    with autotune.isolated(), (contextlib.nullcontext() if cfg.dp.autotune else autotune.fixed()):
+    with _probe_tuning(cfg):
         return _probe(cfg, device, examples, amp, repeats)
+
+
+def warm_up(cfg: DictConfig, device: torch.device, examples: int, amp: str | None = None) -> None:
+    """One unmeasured probe step: first-use costs (thread pools, library pages) would otherwise count as
+    the first measured probe's growth."""
+    with _probe_tuning(cfg):
+        probe_step(cfg, device, examples, amp)()
+
+
+def _probe_tuning(cfg: DictConfig):
+    """The rules' path choices of a probe: made anew and then dropped, neither reused nor left behind for
+    the training run (whose shapes differ)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(autotune.isolated())
+    if not cfg.dp.autotune:
+        stack.enter_context(autotune.fixed())
+    return stack
 
 
 def _probe(cfg: DictConfig, device: torch.device, examples: int, amp: str | None, repeats: int) -> Probe:
@@ -259,8 +279,8 @@ def plan_passes(cfg: DictConfig, device: torch.device, amp: str | None = None,
         raise ValueError(f"probe sizes {small}, {large}: need 1 <= small < large")
     free = free_memory(device)
     resident = measures_resident(device)
-    if resident:   # first-use costs (thread pools, library pages) would count as the small probe's growth
-        probe_step(cfg, device, small, amp)()
+    if resident:
+        warm_up(cfg, device, small, amp)
     elif device.type == "cpu" and cpu_allocator.is_keeping_freed_memory():
         warnings.warn("freed memory is kept but this system does not let a process measure its resident peak "
                       "(/proc/self/clear_refs): the plan counts the tensors' peaks only, below what the kept heap "
@@ -329,29 +349,49 @@ def _try(cfg: DictConfig, device: torch.device, examples: int, amp: str | None, 
         return None
 
 
-def check_fixed_pass(cfg: DictConfig, device: torch.device, examples: int, amp: str | None = None) -> str | None:
+def largest_pass(cfg: DictConfig, world_size: int = 1) -> int:
+    """A bound on the examples one process's pass can hold whatever its configured size: a pass never holds
+    more than the process's share of a Poisson batch, whose expected size m = train.batch_size / world_size
+    is public; m + 4 sqrt(m) + 1 is above it but for odds of about 3e-5 per step (a memory estimate only:
+    nothing of the mechanism depends on it, and nothing of the data's size enters)."""
+    m = float(cfg.train.batch_size) / world_size
+    return math.ceil(m + 4 * math.sqrt(m) + 1)
+
+
+def check_fixed_pass(cfg: DictConfig, device: torch.device, examples: int, amp: str | None = None,
+                     world_size: int = 1) -> str | None:
     """A numeric pass size on the CPU while freed memory is kept (``dpdm-fast train``'s default there): the
-    line of what it will hold, from two small probe steps, printed before the run starts; refused when that
-    line passes twice the memory free (no probe noise is that large: the published 8192 / 4 on a CPU), with a
+    line of what its largest pass will hold (``examples``, or fewer where the Poisson batch bounds it:
+    ``largest_pass``), from two small probe steps, printed before the run starts; refused when that line
+    passes twice the memory free (no probe noise is that large: the published 8192 / 4 on a CPU), with a
     warning above ``dp.memory_fraction`` of it. Why: the kept heap's resident cost is above the tensors' peak
     a number may have been sized by (1.46x at the MNIST network's pass of 48), and on the CPU an overshoot
     meets the OOM killer, not an error. None elsewhere (a GPU's overshoot is torch's OutOfMemoryError; glibc's
     own policy is what numbers were sized under) and for passes no larger than the probes."""
     small, large = PROBE_EXAMPLES["cpu"]
+    bound = largest_pass(cfg, world_size)
+    examples = min(examples, bound)
     if not measures_resident(device) or examples <= large:
         return None
     free = free_memory(device)
-    probe_step(cfg, device, small, amp)()    # first-use costs, as in plan_passes
+    warm_up(cfg, device, small, amp)
     per_example, fixed = _line_above(probe(cfg, device, small, amp), probe(cfg, device, large, amp), min_slope=1.0)
     cpu_allocator.release_free_memory()
     need, fraction, splits = fixed + examples * per_example, float(cfg.dp.memory_fraction), int(cfg.dp.n_splits)
-    fitting = max(math.floor((fraction * free - fixed) / per_example), 0)
+    sharing = processes_sharing_memory(device)
     text = (f"memory check (dp.max_physical_batch_size {cfg.dp.max_physical_batch_size} / dp.n_splits {splits}, "
-            f"freed memory kept): passes of {examples} examples need about {need / 2**30:.2f} GiB "
+            f"freed memory kept): passes of up to {examples} examples need about {need / 2**30:.2f} GiB "
             f"({per_example / 2**20:.1f} MiB per example + {fixed / 2**20:.0f} MiB, the line through probe steps of "
-            f"{small} and {large} examples) of the {free / 2**30:.1f} GiB free on {device}")
-    advice = (f"dp.max_physical_batch_size=auto plans one that fits (about {fitting * splits} here, "
-              f"{fitting} examples a pass), or set {cpu_allocator.ENV}=system to keep glibc's policy")
+            f"{small} and {large} examples) of the {free / 2**30:.1f} GiB free on {device}"
+            + (f" (this process's share: {sharing} processes of the run on this node's memory)" if sharing > 1 else ""))
+    fitting = min(math.floor((fraction * free - fixed) / per_example), int(cfg.train.batch_size))
+    if fitting >= 1:
+        advice = (f"dp.max_physical_batch_size=auto plans one that fits (about {fitting * splits} here, "
+                  f"{fitting} examples a pass)")
+    else:
+        advice = (f"not even one example a pass fits in {fraction * 100:g}% of it: free memory, or lower "
+                  "loss.n_noise_samples or the network's size")
+    advice += f"; or set {cpu_allocator.ENV}=system to keep glibc's policy"
     if need > 2 * free:
         raise ValueError(text + f": far more than there is; {advice}")
     if need > fraction * free:
