@@ -6,7 +6,7 @@ from typing import Iterable
 
 import torch
 
-from ..engine.cpu_allocator import release_free_memory
+from ..engine.cpu_allocator import available_bytes
 from .engines import WORKLOADS
 from .measure import peak_memory, time_cell, time_cell_isolated
 from .report import machine_info
@@ -71,15 +71,7 @@ class Budget:
 
 def _available_bytes() -> int | None:
     gc.collect()
-    release_free_memory()   # glibc keeps freed heap pages of earlier cells' engines; hand them back before asking
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return available_bytes()   # (after glibc hands back the freed heap pages of earlier cells' engines)
 
 
 def derive_ratios(row: list[dict]) -> None:

@@ -75,3 +75,17 @@ def release_free_memory() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def available_bytes() -> int | None:
+    """The system's MemAvailable after the heap's free pages are given back (they are this process's to
+    use), or None where /proc/meminfo cannot be read (not Linux)."""
+    release_free_memory()
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

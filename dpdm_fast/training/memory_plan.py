@@ -141,7 +141,6 @@ def free_memory(device: torch.device) -> int:
         torch.cuda.empty_cache()
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
-        cpu_allocator.release_free_memory()   # free pages the heap keeps are this process's to use
         return _available_cpu_memory() // processes_sharing_memory(device)
     raise RuntimeError(f"dp.max_physical_batch_size: auto measures memory on CUDA GPUs and the CPU, not on "
                        f"{device}: set it to a number")
@@ -164,14 +163,10 @@ def processes_sharing_memory(device: torch.device) -> int:
 
 
 def _available_cpu_memory() -> int:
-    """The kernel's MemAvailable, in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """The kernel's MemAvailable, in bytes (the heap's free pages handed back first)."""
+    available = cpu_allocator.available_bytes()
+    if available is not None:
+        return available
     raise RuntimeError("dp.max_physical_batch_size: auto reads the free memory from /proc/meminfo (Linux), "
                        "which is not readable here: set dp.max_physical_batch_size to a number")
 
